@@ -1,0 +1,130 @@
+"""The `llmctl` command line: thin Typer commands over library functions.
+
+Each command parses its options, loads the config, calls one function and shows the
+result. torch and the data libraries are imported inside the commands, so `llmctl --help`
+stays instant. A user error becomes one line on stderr and an exit code (2 for usage and
+config, 1 at run time); `LLMCTL_DEBUG=1` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import traceback
+from collections.abc import Iterator
+from typing import Annotated, Optional
+
+import typer
+
+from llmctl import __version__
+from llmctl.errors import LlmctlError
+
+app = typer.Typer(
+    name="llmctl",
+    help="Train small language models from scratch on your own hardware.",
+    no_args_is_help=True,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _debug() -> bool:
+    return os.environ.get("LLMCTL_DEBUG", "") not in ("", "0")
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
+    return typer.Exit(code)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn known failures into one line and an exit code."""
+    try:
+        yield
+    except (typer.Exit, typer.Abort):
+        raise
+    except LlmctlError as e:
+        if _debug():
+            traceback.print_exc()
+        raise _fail(str(e), e.exit_code) from None
+    except KeyboardInterrupt:
+        raise _fail("interrupted", 130) from None
+    except MemoryError:
+        raise _fail("out of memory; lower pretrain.micro_batch_size or model.max_seq_len", 1) from None
+    except Exception as e:
+        if _debug():
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise _fail(f"{type(e).__name__}: {first} (set LLMCTL_DEBUG=1 to see the traceback)", 1) from None
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"llmctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Train small language models from scratch: data -> pretrain -> eval -> sft -> generate."""
+
+
+PresetOption = Annotated[str, typer.Option(
+    "--preset", "-p", help="Preset name (tiny, local, gpu) or path to a TOML file.")]
+SetOption = Annotated[Optional[list[str]], typer.Option(
+    "--set", "-s", metavar="SECTION.KEY=VALUE",
+    help="Override one config key; VALUE is read as TOML, else as a string. Repeatable.")]
+RunNameOption = Annotated[Optional[str], typer.Option(
+    "--run-name", "-n", help="Run directory name under run.output_dir (default: <preset>-<date>-<time>).")]
+
+
+@app.command()
+def pretrain(
+    preset: PresetOption = "local",
+    run_name: RunNameOption = None,
+    overrides: SetOption = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Print the resolved config and derived numbers, then exit.")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Start again in a run directory that already holds checkpoints.")] = False,
+) -> None:
+    """Pretrain a decoder-only transformer from scratch (next-token prediction).
+
+    Example: llmctl pretrain --preset tiny --run-name demo --set pretrain.max_steps=100
+    """
+    with user_errors():
+        from llmctl.config import load_config
+
+        cfg = load_config(preset, overrides, run_name)
+        if dry_run:
+            from llmctl.pretrain import dry_run as plan_run
+
+            cfg, plan = plan_run(cfg)
+            typer.echo(f"# llmctl pretrain --preset {preset} --dry-run: the resolved config")
+            typer.echo(cfg.to_toml())
+            typer.echo("# derived")
+            width = max(len(k) for k, _ in plan.rows())
+            for key, value in plan.rows():
+                typer.echo(f"# {key.ljust(width)}  {value}")
+            return
+        from rich.console import Console
+
+        from llmctl.pretrain import run_pretrain
+
+        summary = run_pretrain(cfg, Console(stderr=True), overwrite=overwrite)
+        typer.echo(summary["checkpoint"])
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,325 @@
+"""One config tree for every command: dataclass defaults <- preset TOML <- `--set`.
+
+Each section is a dataclass whose fields carry their defaults and a one-line
+docstring-style comment. Loading is strict: an unknown section or key, a value
+of the wrong type, or a value out of range raises `ConfigError` naming the key,
+before any work starts. Components receive only their own section.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llmctl.errors import ConfigError
+
+
+@dataclass
+class RunConfig:
+    name: str = ""  # run directory name; "" = "<preset>-<date>-<time>"
+    output_dir: str = "experiments/runs"  # runs live in <output_dir>/<name>/
+    seed: int = 1337  # seeds weights, data order and sampling
+    device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"  # auto (bf16 where the device supports it) | float32 | bfloat16 | float16
+    compile: bool = False  # torch.compile the model (falls back to eager with a warning)
+    log_every: int = 10  # steps between logged training lines
+
+
+@dataclass
+class DataConfig:
+    datasets: list[str] = field(default_factory=lambda: ["wikitext-2-raw-v1"])  # data specs, concatenated
+    tokenizer: str = "gpt2"  # Hub name or local folder with tokenizer.json
+    cache_dir: str = ""  # token cache; "" = $LLMCTL_CACHE or ~/.cache/llmctl
+    validation_fraction: float = 0.05  # held out when a source has no validation split
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 0  # 0 = the tokenizer's vocabulary size
+    d_model: int = 384  # residual stream width
+    n_layers: int = 6
+    n_heads: int = 6  # query heads; head_dim = d_model / n_heads
+    n_kv_heads: int = 0  # key/value heads for grouped-query attention; 0 = n_heads
+    ffn_hidden: int = 0  # SwiGLU hidden width; 0 = 8/3 * d_model rounded up to 64
+    max_seq_len: int = 256  # context length in tokens
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    pad_vocab_multiple: int = 64  # embedding rows padded for faster matmuls
+    use_attention_sinks: bool = False  # learned per-head sink logit (explicit attention path)
+    gradient_checkpointing: bool = False  # recompute each block in backward to save memory
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 3e-4  # peak learning rate
+    batch_size: int = 64  # sequences per optimizer step
+    micro_batch_size: int = 8  # sequences per forward pass; accumulation = batch / micro
+    warmup_steps: int = 500  # linear warmup from 0
+    max_steps: int = 5000
+    weight_decay: float = 0.1  # applied to matrices only
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 1.0  # max global gradient norm; 0 = off
+    lr_schedule: str = "constant"  # constant | cosine (after warmup)
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
+    eval_every: int = 500  # steps between validation passes
+    save_every: int = 2000  # steps between checkpoints
+    keep_last: int = 0  # step checkpoints kept; 0 = all
+
+
+@dataclass
+class EvalConfig:
+    max_tokens: int = 0  # validation token budget per eval; 0 = the whole split
+    batch_size: int = 0  # sequences per eval forward; 0 = the micro batch size
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def accumulation_steps(self) -> int:
+        return self.pretrain.batch_size // self.pretrain.micro_batch_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        import tomli_w
+
+        return tomli_w.dumps(self.to_dict())
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+LR_SCHEDULES = ("constant", "cosine")
+
+
+# --------------------------------------------------------------------------- presets
+
+def preset_dirs() -> list[Path]:
+    """Where named presets are found: inside the installed package, then the repo checkout."""
+    here = Path(__file__).resolve().parent
+    return [here / "presets", here.parent / "presets"]
+
+
+def available_presets() -> list[str]:
+    names = set()
+    for d in preset_dirs():
+        if d.is_dir():
+            names.update(p.stem for p in d.glob("*.toml"))
+    return sorted(names)
+
+
+def find_preset(preset: str) -> Path:
+    """A preset name (`tiny`) or a path to a TOML file."""
+    as_path = Path(preset).expanduser()
+    if preset.endswith(".toml") or "/" in preset or "\\" in preset:
+        if as_path.is_file():
+            return as_path
+        raise ConfigError(f"preset file not found: {preset}; pass a preset name "
+                          f"({', '.join(available_presets())}) or an existing .toml path")
+    for d in preset_dirs():
+        candidate = d / f"{preset}.toml"
+        if candidate.is_file():
+            return candidate
+    hint = difflib.get_close_matches(preset, available_presets(), n=1)
+    did_you_mean = f" (did you mean '{hint[0]}'?)" if hint else ""
+    raise ConfigError(f"unknown preset '{preset}'{did_you_mean}; available: "
+                      f"{', '.join(available_presets())}, or a path to a .toml file")
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path} is not valid TOML: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror}") from None
+
+
+# --------------------------------------------------------------------------- overrides
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`section.key=value`; the value is read as TOML, else taken as a plain string."""
+    if "=" not in item:
+        raise ConfigError(f"--set '{item}' is not of the form section.key=value "
+                          f"(e.g. --set pretrain.lr=1e-3)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if key.count(".") != 1 or not all(key.split(".")):
+        raise ConfigError(f"--set key '{key}' must be section.key (e.g. pretrain.max_steps)")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key, value
+
+
+def _nest(overrides: list[tuple[str, Any]]) -> dict[str, dict[str, Any]]:
+    tree: dict[str, dict[str, Any]] = {}
+    for key, value in overrides:
+        section, name = key.split(".")
+        tree.setdefault(section, {})[name] = value
+    return tree
+
+
+# --------------------------------------------------------------------------- typed merge
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is list:
+        (inner,) = typing.get_args(tp)
+        return f"list of {_type_name(inner)}s"
+    return {int: "integer", float: "number", str: "string", bool: "boolean"}.get(tp, str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the field type; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} expects a {_type_name(tp)}, got {value!r}; "
+                              f"write it as TOML, e.g. --set '{key}=[...]'")
+        return [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    name = _type_name(tp)
+    article = "an" if name[0] in "aeiou" else "a"
+    raise ConfigError(f"{key} expects {article} {name}, got {value!r}")
+
+
+def _merge(cfg: Config, tree: dict[str, Any], origin: str) -> None:
+    sections = {f.name: f for f in dataclasses.fields(cfg)}
+    for section_name, values in tree.items():
+        if section_name not in sections:
+            hint = difflib.get_close_matches(section_name, sections, n=1)
+            dym = f" (did you mean '{hint[0]}'?)" if hint else ""
+            raise ConfigError(f"unknown config section '{section_name}' in {origin}{dym}; "
+                              f"sections: {', '.join(sections)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"'{section_name}' in {origin} must be a table of keys "
+                              f"(e.g. {section_name}.KEY = VALUE)")
+        section = getattr(cfg, section_name)
+        hints = typing.get_type_hints(type(section))
+        fields = {f.name for f in dataclasses.fields(section)}
+        for key, value in values.items():
+            full = f"{section_name}.{key}"
+            if key not in fields:
+                hint = difflib.get_close_matches(key, fields, n=1)
+                dym = f" (did you mean '{section_name}.{hint[0]}'?)" if hint else ""
+                raise ConfigError(f"unknown config key '{full}' in {origin}{dym}; "
+                                  f"keys of [{section_name}]: {', '.join(sorted(fields))}")
+            setattr(section, key, _coerce(full, value, hints[key]))
+
+
+# --------------------------------------------------------------------------- validation
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config) -> None:
+    """Range and consistency checks; every message names the key and the fix."""
+    r, d, m, t, e = cfg.run, cfg.data, cfg.model, cfg.pretrain, cfg.eval
+    _check(r.dtype in DTYPES, f"run.dtype must be one of {', '.join(DTYPES)}, got '{r.dtype}'")
+    _check(r.device == "auto" or r.device.split(":")[0] in ("cpu", "cuda", "mps"),
+           f"run.device must be auto, cpu, cuda, cuda:N or mps, got '{r.device}'")
+    _check(r.log_every >= 1, f"run.log_every must be >= 1, got {r.log_every}")
+    _check("/" not in r.name and "\\" not in r.name and r.name not in (".", ".."),
+           f"run.name must be a plain directory name, got '{r.name}'")
+    _check(len(d.datasets) > 0, "data.datasets is empty; name at least one source, "
+           "e.g. --set 'data.datasets=[\"text:corpus.txt\"]'")
+    _check(bool(d.tokenizer), "data.tokenizer is empty; name a Hub tokenizer (gpt2) or a local folder")
+    _check(0.0 < d.validation_fraction < 0.5,
+           f"data.validation_fraction must be in (0, 0.5), got {d.validation_fraction}")
+    for key in ("d_model", "n_layers", "n_heads", "max_seq_len", "pad_vocab_multiple"):
+        _check(getattr(m, key) >= 1, f"model.{key} must be >= 1, got {getattr(m, key)}")
+    for key in ("vocab_size", "n_kv_heads", "ffn_hidden"):
+        _check(getattr(m, key) >= 0, f"model.{key} must be >= 0 (0 = automatic), got {getattr(m, key)}")
+    _check(m.d_model % m.n_heads == 0,
+           f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
+    _check((m.d_model // m.n_heads) % 2 == 0,
+           f"model head size d_model/n_heads = {m.d_model // m.n_heads} must be even for RoPE")
+    kv = m.n_kv_heads or m.n_heads
+    _check(m.n_heads % kv == 0,
+           f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({kv})")
+    _check(m.rope_theta > 0, f"model.rope_theta must be > 0, got {m.rope_theta}")
+    _check(m.norm_eps > 0, f"model.norm_eps must be > 0, got {m.norm_eps}")
+    _check(m.init_std > 0, f"model.init_std must be > 0, got {m.init_std}")
+    validate_training(t, "pretrain")
+    _check(e.max_tokens >= 0, f"eval.max_tokens must be >= 0 (0 = all), got {e.max_tokens}")
+    _check(e.batch_size >= 0, f"eval.batch_size must be >= 0 (0 = micro batch), got {e.batch_size}")
+
+
+def validate_training(t: TrainConfig, section: str) -> None:
+    _check(t.lr > 0, f"{section}.lr must be > 0, got {t.lr}")
+    _check(t.batch_size >= 1, f"{section}.batch_size must be >= 1, got {t.batch_size}")
+    _check(t.micro_batch_size >= 1, f"{section}.micro_batch_size must be >= 1, got {t.micro_batch_size}")
+    _check(t.batch_size % t.micro_batch_size == 0,
+           f"{section}.batch_size ({t.batch_size}) must be divisible by {section}.micro_batch_size "
+           f"({t.micro_batch_size}); gradient accumulation = batch_size / micro_batch_size")
+    _check(t.warmup_steps >= 0, f"{section}.warmup_steps must be >= 0, got {t.warmup_steps}")
+    _check(t.max_steps >= 1, f"{section}.max_steps must be >= 1, got {t.max_steps}")
+    _check(t.weight_decay >= 0, f"{section}.weight_decay must be >= 0, got {t.weight_decay}")
+    _check(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas),
+           f"{section}.betas must be two numbers in [0, 1), got {t.betas}")
+    _check(t.grad_clip >= 0, f"{section}.grad_clip must be >= 0 (0 = off), got {t.grad_clip}")
+    _check(t.lr_schedule in LR_SCHEDULES,
+           f"{section}.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got '{t.lr_schedule}'")
+    _check(0 <= t.min_lr_ratio <= 1, f"{section}.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+    _check(t.eval_every >= 1, f"{section}.eval_every must be >= 1, got {t.eval_every}")
+    _check(t.save_every >= 1, f"{section}.save_every must be >= 1, got {t.save_every}")
+    _check(t.keep_last >= 0, f"{section}.keep_last must be >= 0 (0 = keep all), got {t.keep_last}")
+
+
+# --------------------------------------------------------------------------- entry point
+
+def load_config(preset: str | None = None, overrides: list[str] | None = None,
+                run_name: str | None = None) -> Config:
+    """Defaults <- preset <- `--set` overrides <- `--run-name`, validated."""
+    cfg = Config()
+    preset_label = "defaults"
+    if preset:
+        path = find_preset(preset)
+        _merge(cfg, read_toml(path), origin=str(path))
+        preset_label = path.stem
+    _merge(cfg, _nest([parse_override(o) for o in overrides or []]), origin="--set")
+    if run_name is not None:
+        cfg.run.name = run_name
+    if not cfg.run.name:
+        import datetime
+
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        cfg.run.name = f"{preset_label}-{stamp}"
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(tree: dict[str, Any]) -> Config:
+    """Rebuild a Config saved in a checkpoint or config.toml (same strict checks)."""
+    cfg = Config()
+    _merge(cfg, tree, origin="saved config")
+    validate(cfg)
+    return cfg
+

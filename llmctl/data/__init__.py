@@ -1,0 +1,1 @@
+"""Data: sources (Hub and local files) -> tokenizer -> packed token store -> batches."""

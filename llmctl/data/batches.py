@@ -1,0 +1,55 @@
+"""Batches from a packed token stream.
+
+Training draws random windows of `seq_len + 1` tokens (inputs and their next-token
+targets) from the memory-mapped stream with an explicit `torch.Generator`, so the data
+order is a pure function of the seed and resumes exactly from the generator's state.
+Evaluation walks the stream in order with non-overlapping windows, so every token after
+the first is scored exactly once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+
+class RandomWindows:
+    """Endless (x, y) batches of shape (B, T) drawn uniformly from a token stream."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int):
+        if len(tokens) < seq_len + 1:
+            raise ValueError(f"{len(tokens)} training tokens are fewer than one window of {seq_len + 1}")
+        self.tokens = tokens
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = torch.randint(0, len(self.tokens) - self.seq_len, (self.batch_size,), generator=self.generator)
+        windows = np.stack([self.tokens[s: s + self.seq_len + 1] for s in starts.tolist()])
+        windows = torch.from_numpy(windows.astype(np.int64))  # (B, T + 1)
+        return windows[:, :-1], windows[:, 1:]
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
+def sequential_windows(tokens: np.ndarray, seq_len: int, batch_size: int,
+                       max_tokens: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(x, y) batches covering tokens[0 : n] in order; windows overlap by one token so each
+    target appears once. The last window may be shorter and comes in a batch of its own."""
+    n = len(tokens) if not max_tokens else min(len(tokens), max_tokens + 1)
+    starts = list(range(0, n - 1, seq_len))
+    full = [s for s in starts if s + seq_len + 1 <= n]
+    for i in range(0, len(full), batch_size):
+        chunk = np.stack([tokens[s: s + seq_len + 1] for s in full[i: i + batch_size]])
+        chunk = torch.from_numpy(chunk.astype(np.int64))
+        yield chunk[:, :-1], chunk[:, 1:]
+    if len(full) < len(starts):
+        tail = torch.from_numpy(np.asarray(tokens[starts[-1]: n], dtype=np.int64))[None]
+        yield tail[:, :-1], tail[:, 1:]

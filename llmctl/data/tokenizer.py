@@ -1,0 +1,98 @@
+"""Tokenizers: loaded once through transformers, then used as the fast Rust `tokenizers` object.
+
+`TextTokenizer` is the one type the rest of llmctl sees. It is built from a Hub name or a
+local folder (`AutoTokenizer`), or from the JSON stored inside a checkpoint, so a checkpoint
+copied anywhere still encodes and decodes exactly as in training. Its fingerprint (a hash of
+that JSON) ties token stores and checkpoints to the tokenizer that made them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llmctl.data.hub import require_hub
+from llmctl.errors import ConfigError, LlmctlError
+
+_EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "[SEP]")
+
+
+@dataclass
+class TextTokenizer:
+    backend: Any  # tokenizers.Tokenizer
+    eos_id: int
+    source: str  # the name or folder it came from, for messages
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def to_json(self) -> str:
+        return self.backend.to_str()
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        # encode_batch_fast skips offset tracking; it runs on the Rust thread pool.
+        fast = getattr(self.backend, "encode_batch_fast", None) or self.backend.encode_batch
+        return [e.ids for e in fast(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.backend.decode(ids, skip_special_tokens=False)
+
+    def to_state(self) -> dict[str, Any]:
+        """What a checkpoint stores: plain strings and ints (safe under weights_only)."""
+        return {"json": self.to_json(), "eos_id": self.eos_id, "source": self.source,
+                "fingerprint": self.fingerprint}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "TextTokenizer":
+        from tokenizers import Tokenizer
+
+        return cls(Tokenizer.from_str(state["json"]), int(state["eos_id"]), str(state.get("source", "checkpoint")))
+
+
+def load_tokenizer(name: str) -> TextTokenizer:
+    """A Hub tokenizer name (`gpt2`) or a local folder holding tokenizer.json."""
+    path = Path(os.path.expanduser(name))
+    # A Hub id is NAME or ORG/NAME; anything that exists, or looks like a path, is local.
+    looks_local = path.exists() or name.startswith((".", "/", "~")) or name.strip("/").count("/") > 1
+    if looks_local:
+        if not path.is_dir():
+            raise ConfigError(f"data.tokenizer: {name} is not a folder; give a folder with "
+                              f"tokenizer.json or a Hub name such as gpt2")
+        if not (path / "tokenizer.json").is_file():
+            raise ConfigError(f"data.tokenizer: {name} has no tokenizer.json; save one with "
+                              f"tokenizer.save_pretrained(folder) or give a Hub name such as gpt2")
+    else:
+        require_hub(f"tokenizer '{name}'", "set data.tokenizer to a local folder with tokenizer.json")
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path) if looks_local else name)
+    except (OSError, ValueError) as e:
+        raise LlmctlError(f"cannot load tokenizer '{name}': {str(e).splitlines()[0]}") from None
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        raise LlmctlError(f"tokenizer '{name}' has no fast (Rust) version; use one with tokenizer.json")
+    if backend.get_vocab_size(with_added_tokens=True) == 0:
+        raise LlmctlError(f"tokenizer '{name}' loaded with an empty vocabulary; check its tokenizer.json")
+    eos = tok.eos_token_id
+    if eos is None:
+        vocab = backend.get_vocab(with_added_tokens=True)
+        eos = next((vocab[t] for t in _EOS_CANDIDATES if t in vocab), None)
+    if eos is None:
+        raise LlmctlError(f"tokenizer '{name}' has no end-of-text token to separate documents; "
+                          f"add one (e.g. <|endoftext|>) as its eos_token")
+    return TextTokenizer(backend, int(eos), name)
+

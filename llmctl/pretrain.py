@@ -1,0 +1,144 @@
+"""`llmctl pretrain`: config -> tokenizer -> token store -> model -> Trainer.fit -> checkpoints.
+
+Everything that can fail on bad input (tokenizer, data, sizes) runs before the run
+directory is created, so a mistake leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from llmctl.checkpoint import CheckpointCallback, step_checkpoints
+from llmctl.config import Config
+from llmctl.data.batches import RandomWindows
+from llmctl.data.store import prepare_store
+from llmctl.data.tokenizer import load_tokenizer
+from llmctl.errors import ConfigError, LlmctlError
+from llmctl.evaluate import evaluate_tokens
+from llmctl.model import Transformer
+from llmctl.progress import MetricsCallback, ProgressCallback, RunLog
+from llmctl.runtime import autocast, resolve_device, resolve_dtype, seed_everything
+from llmctl.trainer import Trainer
+
+STAGE = "pretrain"
+
+
+@dataclass
+class Plan:
+    """The derived numbers a user checks before spending hours (`--dry-run` prints them)."""
+
+    parameters: int
+    vocab_size: int
+    tokens_per_step: int
+    accumulation_steps: int
+    total_tokens: int
+    checkpoint_steps: list[int]
+    eval_steps: int
+
+    def rows(self) -> list[tuple[str, str]]:
+        saves = self.checkpoint_steps
+        shown = ", ".join(map(str, saves[:6])) + (", …" if len(saves) > 6 else "")
+        return [
+            ("parameters", f"{self.parameters:,}"),
+            ("vocab size", f"{self.vocab_size:,}"),
+            ("tokens per step", f"{self.tokens_per_step:,}"),
+            ("accumulation steps", f"{self.accumulation_steps}"),
+            ("total tokens", f"{self.total_tokens:,}"),
+            ("checkpoints at steps", f"{shown + (', ' if shown else '')}final"),
+            ("evaluations", f"{self.eval_steps}"),
+        ]
+
+
+def resolve_vocab(cfg: Config, tokenizer_vocab: int) -> Config:
+    """Fill model.vocab_size from the tokenizer; a smaller explicit value cannot hold its ids."""
+    if cfg.model.vocab_size == 0:
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=tokenizer_vocab))
+    if cfg.model.vocab_size < tokenizer_vocab:
+        raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's "
+                          f"vocabulary ({tokenizer_vocab}); set it to 0 to follow the tokenizer")
+    return cfg
+
+
+def make_plan(cfg: Config) -> Plan:
+    with torch.device("meta"):  # shapes only: no memory, no init time
+        params = Transformer(cfg.model).num_parameters()
+    t = cfg.pretrain
+    tokens_per_step = t.batch_size * cfg.model.max_seq_len
+    return Plan(
+        parameters=params, vocab_size=cfg.model.vocab_size, tokens_per_step=tokens_per_step,
+        accumulation_steps=cfg.accumulation_steps, total_tokens=tokens_per_step * t.max_steps,
+        checkpoint_steps=list(range(t.save_every, t.max_steps, t.save_every)),
+        eval_steps=len(set(range(t.eval_every, t.max_steps + 1, t.eval_every)) | {t.max_steps}),
+    )
+
+
+def dry_run(cfg: Config) -> tuple[Config, Plan]:
+    cfg = resolve_vocab(cfg, load_tokenizer(cfg.data.tokenizer).vocab_size)
+    return cfg, make_plan(cfg)
+
+
+def run_dir_of(cfg: Config) -> Path:
+    return Path(cfg.run.output_dir).expanduser() / cfg.run.name
+
+
+def run_pretrain(cfg: Config, console: Console, overwrite: bool = False) -> dict[str, Any]:
+    """Train from scratch; returns a summary with the final checkpoint's path."""
+    run_dir = run_dir_of(cfg)
+    existing = (step_checkpoints(run_dir) + [(0, p) for p in run_dir.glob("*_final.pt")]) if run_dir.is_dir() else []
+    if existing and not overwrite:
+        raise LlmctlError(f"{run_dir} already holds checkpoints; pass --overwrite to start again there, "
+                          f"or choose another --run-name")
+    device = resolve_device(cfg.run.device)
+    dtype = resolve_dtype(cfg.run.dtype, device)
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    cfg = resolve_vocab(cfg, tokenizer.vocab_size)
+    console.print(f"data: {', '.join(cfg.data.datasets)} with tokenizer {cfg.data.tokenizer}",
+                  markup=False, highlight=False)
+    store = prepare_store(cfg.data, tokenizer)
+    train_tokens, val_tokens = store.tokens("train"), store.tokens("validation")
+    if len(train_tokens) < cfg.model.max_seq_len + 1:
+        raise LlmctlError(f"only {len(train_tokens)} training tokens, fewer than one window of "
+                          f"model.max_seq_len + 1 = {cfg.model.max_seq_len + 1}; add data or lower max_seq_len")
+
+    seed_everything(cfg.run.seed)
+    model = Transformer(cfg.model).to(device)
+    batches = RandomWindows(train_tokens, cfg.model.max_seq_len, cfg.pretrain.micro_batch_size, cfg.run.seed)
+    eval_batch = cfg.eval.batch_size or cfg.pretrain.micro_batch_size
+
+    def evaluate() -> dict[str, float]:
+        return evaluate_tokens(model, val_tokens, cfg.model.max_seq_len, eval_batch, device,
+                               autocast(device, dtype), cfg.eval.max_tokens)
+
+    # Nothing was written before this point: every input has been checked.
+    if overwrite and run_dir.is_dir():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.toml").write_text(cfg.to_toml())
+    progress = ProgressCallback(console, RunLog(run_dir / "training.log"), title=f"{cfg.run.name} {STAGE}")
+    checkpoints = CheckpointCallback(run_dir, cfg, STAGE, tokenizer, store.meta, cfg.pretrain.keep_last)
+    trainer = Trainer(model, cfg.pretrain, batches=batches, evaluate=evaluate, device=device, dtype=dtype,
+                      seq_len=cfg.model.max_seq_len, log_every=cfg.run.log_every, compile=cfg.run.compile,
+                      callbacks=[progress, MetricsCallback(run_dir / "metrics.jsonl"), checkpoints])
+    plan = make_plan(cfg)
+    progress.say(f"run {cfg.run.name}: {plan.parameters:,} parameters on {device.type} "
+                 f"({str(dtype).removeprefix('torch.')}), {plan.tokens_per_step:,} tokens/step "
+                 f"({cfg.pretrain.batch_size} x {cfg.model.max_seq_len}, accumulation {plan.accumulation_steps}), "
+                 f"{cfg.pretrain.max_steps} steps")
+    progress.say(f"data: {len(train_tokens):,} train tokens, {len(val_tokens):,} validation tokens "
+                 f"(cache {store.path})")
+    try:
+        summary = trainer.fit()
+    finally:
+        progress.close()
+    summary["checkpoint"] = str(checkpoints.last_path)
+    summary["run_dir"] = str(run_dir)
+    progress.say(f"done: {summary['step']} steps, {summary['tokens']:,} tokens in "
+                 f"{summary['seconds']:.1f}s; final checkpoint {checkpoints.last_path}")
+    return summary
