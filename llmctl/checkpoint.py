@@ -15,7 +15,6 @@ import os
 import pickle
 import re
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +64,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         raise LlmctlError(f"{path} was refused: it holds objects that are not plain tensors and values "
                           f"({first[:160]}); llmctl never unpickles code — only load files you trust "
                           f"with other tools") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+    except Exception as e:  # a damaged zip or pickle stream fails in many ways (EOF, KeyError, ...)
         raise LlmctlError(f"{path} is not a readable checkpoint (truncated or corrupted?): "
                           f"{str(e).splitlines()[0][:160] if str(e) else type(e).__name__}") from None
     if not isinstance(payload, dict) or payload.get("kind") != KIND:

@@ -171,8 +171,10 @@ class Transformer(nn.Module):
             else:
                 x = block(x, cos, sin)
         x = self.norm(x)
-        logits = F.linear(x, self.tok_emb.weight)  # (B, T, padded_vocab)
+        # The matmul runs on the padded shape; the padding columns are dropped before the
+        # softmax so ids that do not exist get no probability.
+        logits = F.linear(x, self.tok_emb.weight)[..., : self.vocab_size]  # (B, T, vocab)
         if targets is None:
-            return logits[..., : self.vocab_size]
+            return logits
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
                                ignore_index=-100, reduction=reduction)

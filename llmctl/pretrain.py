@@ -18,6 +18,7 @@ from rich.console import Console
 from llmctl.checkpoint import CheckpointCallback, step_checkpoints
 from llmctl.config import Config
 from llmctl.data.batches import RandomWindows
+from llmctl.data.sources import check_sources
 from llmctl.data.store import prepare_store
 from llmctl.data.tokenizer import load_tokenizer
 from llmctl.errors import ConfigError, LlmctlError
@@ -80,6 +81,7 @@ def make_plan(cfg: Config) -> Plan:
 
 
 def dry_run(cfg: Config) -> tuple[Config, Plan]:
+    check_sources(cfg.data.datasets)
     cfg = resolve_vocab(cfg, load_tokenizer(cfg.data.tokenizer).vocab_size)
     return cfg, make_plan(cfg)
 
@@ -97,6 +99,7 @@ def run_pretrain(cfg: Config, console: Console, overwrite: bool = False) -> dict
                           f"or choose another --run-name")
     device = resolve_device(cfg.run.device)
     dtype = resolve_dtype(cfg.run.dtype, device)
+    check_sources(cfg.data.datasets)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     cfg = resolve_vocab(cfg, tokenizer.vocab_size)
     console.print(f"data: {', '.join(cfg.data.datasets)} with tokenizer {cfg.data.tokenizer}",

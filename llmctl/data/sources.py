@@ -79,6 +79,15 @@ def parse_spec(raw: str) -> SourceSpec:
                       f"(append :N to cap at N documents)")
 
 
+def check_sources(specs: list[str]) -> list[SourceSpec]:
+    """Parse every spec and check local files exist, before any slow work starts."""
+    parsed = [parse_spec(s) for s in specs]
+    for spec in parsed:
+        if spec.kind != "hub":
+            local_files(spec)
+    return parsed
+
+
 def hub_dataset(spec: SourceSpec) -> HubDataset:
     if spec.target in REGISTERED:
         return REGISTERED[spec.target]

@@ -1,0 +1,98 @@
+"""Model invariants: shapes, initial loss, causality, GQA, sinks, gradient checkpointing."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from llmctl.config import ModelConfig
+from llmctl.model import Transformer, padded_vocab_size
+
+
+def tiny_cfg(**overrides) -> ModelConfig:
+    base = dict(vocab_size=100, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16)
+    return ModelConfig(**{**base, **overrides})
+
+
+def test_shapes_and_vocab_padding():
+    model = Transformer(tiny_cfg())
+    idx = torch.randint(0, 100, (3, 10))
+    assert model(idx).shape == (3, 10, 100)  # padded rows are sliced away
+    assert model.tok_emb.weight.shape[0] == padded_vocab_size(100, 64) == 128
+
+
+def test_tied_embeddings():
+    model = Transformer(tiny_cfg())
+    names = [n for n, _ in model.named_parameters()]
+    assert not any("lm_head" in n for n in names)
+    assert model.num_parameters() == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("vocab", [100, 50257])
+def test_initial_loss_is_log_vocab(vocab):
+    torch.manual_seed(0)
+    model = Transformer(tiny_cfg(vocab_size=vocab))
+    idx, targets = torch.randint(0, vocab, (2, 4, 16))
+    loss = model(idx, targets).item()
+    assert abs(loss - math.log(vocab)) < 0.1
+
+
+@pytest.mark.parametrize("sinks", [False, True])
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_causal(sinks, kv_heads):
+    torch.manual_seed(0)
+    model = Transformer(tiny_cfg(n_kv_heads=kv_heads, use_attention_sinks=sinks)).eval()
+    idx = torch.randint(0, 100, (2, 12))
+    changed = idx.clone()
+    changed[:, 8:] = (changed[:, 8:] + 1) % 100
+    a, b = model(idx), model(changed)
+    torch.testing.assert_close(a[:, :8], b[:, :8])
+    assert not torch.allclose(a[:, 8:], b[:, 8:])
+
+
+def test_gqa_has_fewer_parameters():
+    full = Transformer(tiny_cfg(n_kv_heads=4)).num_parameters()
+    grouped = Transformer(tiny_cfg(n_kv_heads=1)).num_parameters()
+    assert grouped < full
+
+
+def test_sink_path_matches_flash_path_when_sinks_are_silenced():
+    """With a very negative sink logit the explicit path must reduce to plain causal attention."""
+    torch.manual_seed(0)
+    plain = Transformer(tiny_cfg()).eval()
+    sinks = Transformer(tiny_cfg(use_attention_sinks=True)).eval()
+    missing, unexpected = sinks.load_state_dict(plain.state_dict(), strict=False)
+    assert unexpected == [] and all("sinks" in m for m in missing)
+    with torch.no_grad():
+        for block in sinks.blocks:
+            block.attn.sinks.fill_(-1e4)
+    idx = torch.randint(0, 100, (2, 16))
+    torch.testing.assert_close(sinks(idx), plain(idx), atol=1e-5, rtol=1e-4)
+
+
+def test_sinks_change_output_and_learn():
+    torch.manual_seed(0)
+    model = Transformer(tiny_cfg(use_attention_sinks=True))
+    idx = torch.randint(0, 100, (2, 16))
+    model(idx, idx).backward()
+    assert all(b.attn.sinks.grad is not None and b.attn.sinks.grad.abs().sum() > 0 for b in model.blocks)
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    torch.manual_seed(0)
+    a = Transformer(tiny_cfg())
+    b = Transformer(tiny_cfg(gradient_checkpointing=True))
+    b.load_state_dict(a.state_dict())
+    idx = torch.randint(0, 100, (2, 16))
+    a(idx, idx).backward()
+    b(idx, idx).backward()
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, msg=name)
+
+
+def test_too_long_sequence_is_refused():
+    model = Transformer(tiny_cfg())
+    with pytest.raises(ValueError, match="exceeds max_seq_len"):
+        model(torch.zeros(1, 17, dtype=torch.long))

@@ -1,0 +1,104 @@
+"""Trainer invariants: accumulation equals one big batch, a tiny model overfits, the LR schedule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmctl.config import ModelConfig, TrainConfig
+from llmctl.model import Transformer
+from llmctl.trainer import Trainer, lr_at
+
+
+class FixedBatches:
+    """Serves consecutive slices of one fixed batch of sequences, cycling."""
+
+    def __init__(self, x: torch.Tensor, micro: int):
+        self.x, self.micro, self.pos = x, micro, 0
+
+    def next_batch(self):
+        chunk = self.x[self.pos: self.pos + self.micro]
+        self.pos = (self.pos + self.micro) % len(self.x)
+        return chunk[:, :-1], chunk[:, 1:]
+
+    def state_dict(self):
+        return {"pos": self.pos}
+
+    def load_state_dict(self, state):
+        self.pos = state["pos"]
+
+
+def make(micro: int, batch: int = 8, **train) -> Trainer:
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16))
+    data = torch.randint(0, 64, (batch, 17), generator=torch.Generator().manual_seed(1))
+    cfg = TrainConfig(**{"lr": 1e-2, "batch_size": batch, "micro_batch_size": micro, "warmup_steps": 0,
+                         "max_steps": 3, **train})
+    return Trainer(model, cfg, batches=FixedBatches(data, micro), evaluate=None, device=torch.device("cpu"),
+                   dtype=torch.float32, seq_len=16)
+
+
+def test_micro_batches_with_accumulation_equal_one_large_batch():
+    big, small = make(micro=8), make(micro=2)
+    assert small.accumulation == 4
+    # Plain SGD makes the update proportional to the gradient, so weights compare the gradients
+    # (Adam's normalisation would amplify float rounding in near-zero gradients).
+    for t in (big, small):
+        t.optimizer = torch.optim.SGD(t.model.parameters(), lr=1.0)
+    loss_big, norm_big = big.train_step()
+    loss_small, norm_small = small.train_step()
+    torch.testing.assert_close(loss_small, loss_big, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(norm_small, norm_big, atol=1e-6, rtol=1e-5)
+    for (name, a), b in zip(big.model.named_parameters(), small.model.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_tiny_model_overfits_one_batch():
+    trainer = make(micro=8, lr=3e-3, max_steps=150)
+    first, _ = trainer.train_step()
+    for _ in range(149):
+        last, _ = trainer.train_step()
+    assert float(last) < 0.3 * float(first)
+    assert float(last) < 1.0
+
+
+def test_weight_decay_only_on_matrices():
+    trainer = make(micro=8)
+    decay, no_decay = trainer.optimizer.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+
+
+def test_lr_schedule_warmup_then_constant_or_cosine():
+    cfg = TrainConfig(lr=1.0, warmup_steps=10, max_steps=110)
+    assert lr_at(0, cfg) == pytest.approx(0.1)
+    assert lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(50, cfg) == lr_at(109, cfg) == 1.0
+    cos = TrainConfig(lr=1.0, warmup_steps=10, max_steps=110, lr_schedule="cosine", min_lr_ratio=0.1)
+    assert lr_at(10, cos) == pytest.approx(1.0)
+    assert lr_at(60, cos) == pytest.approx(0.55)
+    assert lr_at(110, cos) == pytest.approx(0.1)
+    values = [lr_at(s, cos) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_fit_logs_evaluates_and_saves_on_schedule():
+    events = []
+
+    class Recorder:
+        def on_fit_start(self, t): events.append("start")
+        def on_log(self, t, r): events.append(("log", r["step"]))
+        def on_eval(self, t, r): events.append(("eval", r["step"]))
+        def on_save(self, t, final): events.append(("save", t.step, final))
+        def on_fit_end(self, t, s): events.append("end")
+
+    trainer = make(micro=8, max_steps=6, eval_every=3, save_every=2)
+    trainer.evaluate_fn = lambda: {"loss": 1.0, "perplexity": 2.7, "tokens": 10, "seconds": 0.0}
+    trainer.callbacks = [Recorder()]
+    trainer.log_every = 3
+    trainer.fit()
+    assert [e for e in events if e[0] == "save"] == [("save", 2, False), ("save", 4, False), ("save", 6, True)]
+    assert [e for e in events if e[0] == "eval"] == [("eval", 3), ("eval", 6)]
+    assert [e for e in events if e[0] == "log"] == [("log", 1), ("log", 3), ("log", 6)]
+    # a save at a step that also evaluates comes first
+    assert events.index(("save", 6, True)) > events.index(("eval", 6))
