@@ -1,13 +1,17 @@
 """The decoder-only transformer: RoPE, RMSNorm, SwiGLU, grouped-query attention, tied embeddings.
 
-Reads top to bottom: RMSNorm -> rotary embeddings -> attention -> SwiGLU MLP -> block ->
-model. Shapes use B (batch), T (time), C (d_model), H (query heads), K (key/value heads),
+Reads top to bottom: RMSNorm -> rotary embeddings -> KV cache -> attention -> SwiGLU MLP ->
+block -> model. Shapes use B (batch), T (time), C (d_model), H (query heads), K (key/value heads),
 D (head size). The layout matches transformers' `LlamaForCausalLM` (rotate-half RoPE, no
 biases), so a checkpoint maps onto it one tensor at a time.
 
 References: RoPE (Su et al., 2021), RMSNorm (Zhang & Sennrich, 2019), SwiGLU (Shazeer, 2020),
 GQA (Ainslie et al., 2023), attention sinks as a learned softmax logit (Xiao et al., 2023;
 as in gpt-oss).
+
+Generation passes a `KVCache` to `forward`: the prompt is run once (prefill), then each new
+token attends to the cached keys and values of all earlier ones. Training never passes one,
+so its path is the plain causal forward below.
 """
 
 from __future__ import annotations
@@ -59,9 +63,75 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos + rotated * sin).to(x.dtype)
 
 
-class Attention(nn.Module):
+def rope_at(start: int, end: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin for positions start..end-1, (end - start, head_dim); angles in float64 so
+    positions far past max_seq_len (a long generation) stay exact."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(start, end, dtype=torch.float64), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+class KVCache:
+    """Keys and values of every token a generation has seen: per layer a ring of L = max_seq_len
+    slots, (B, K, L, D), filled by `Transformer.forward(..., cache=cache)`.
+
+    Keys are stored after RoPE at their absolute positions. RoPE makes a score depend only on
+    the distance between query and key, so once the ring is full and each new token overwrites
+    the oldest, every query still sees its last L tokens at distances 0..L-1 — the distances
+    seen in training — and nothing is re-rotated (a sliding window, as in Mistral). A model
+    trained with attention sinks keeps them: the sink logit joins every softmax whatever the
+    ring holds. (StreamingLLM's alternative, keeping the first tokens as sinks, needs positions
+    re-assigned inside the cache; models without learned sinks simply slide.)
+
+    While the ring is filling, one forward may take up to `room()` tokens (a prefill); once it
+    slides, one token at a time.
+    """
+
     def __init__(self, cfg: ModelConfig):
+        self.size = cfg.max_seq_len
+        self.keys: list[torch.Tensor | None] = [None] * cfg.n_layers  # allocated on first use,
+        self.values: list[torch.Tensor | None] = [None] * cfg.n_layers  # in the dtype autocast gives
+        self.pos = 0  # tokens seen so far = absolute position of the next token
+        self._mask: torch.Tensor | None = None  # (T, S) for the step in progress; None = attend to all
+
+    def room(self) -> int:
+        return self.size - self.pos if self.pos < self.size else 1
+
+    def begin(self, T: int, device: torch.device) -> None:
+        """Prepare a step of T new tokens: new token i sees the cached tokens and new tokens 0..i."""
+        if T < 1 or T > self.room():
+            raise ValueError(f"a cached step takes 1..{self.room()} tokens now, got {T}")
+        S = self.pos + T
+        self._mask = None if T == 1 else (
+            torch.arange(S, device=device)[None, :] <= torch.arange(self.pos, S, device=device)[:, None])
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Store this step's k, v (B, K, T, D); return all visible keys, values (B, K, S, D) and the mask."""
+        if self.keys[layer] is None:
+            shape = (k.size(0), k.size(1), self.size, k.size(3))
+            self.keys[layer] = torch.zeros(shape, dtype=k.dtype, device=k.device)
+            self.values[layer] = torch.zeros(shape, dtype=v.dtype, device=v.device)
+        keys, values = self.keys[layer], self.values[layer]
+        T = k.size(2)
+        if self.pos + T <= self.size:  # filling: slot = position, in order
+            keys[:, :, self.pos: self.pos + T] = k
+            values[:, :, self.pos: self.pos + T] = v
+            return keys[:, :, : self.pos + T], values[:, :, : self.pos + T], self._mask
+        slot = self.pos % self.size  # full: overwrite the oldest token; order no longer matters
+        keys[:, :, slot] = k[:, :, 0]
+        values[:, :, slot] = v[:, :, 0]
+        return keys, values, None
+
+    def advance(self, T: int) -> None:
+        self.pos += T
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
+        self.layer = layer  # index into a KVCache
         self.n_heads = cfg.n_heads
         self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
         self.head_dim = cfg.d_model // cfg.n_heads
@@ -73,31 +143,39 @@ class Attention(nn.Module):
         # heads can "park" attention there instead of on the first token.
         self.sinks = nn.Parameter(torch.zeros(self.n_heads)) if cfg.use_attention_sinks else None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        mask = None
+        if cache is not None:  # generation: also attend to earlier tokens' keys and values
+            k, v, mask = cache.update(self.layer, k, v)  # (B, K, S, D), mask (T, S) or None
         if self.sinks is None:
-            y = F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=cache is None,
+                                               enable_gqa=self.n_kv_heads != self.n_heads)
         else:
-            y = self._attend_with_sinks(q, k, v)
+            if cache is None:
+                mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+            y = self._attend_with_sinks(q, k, v, mask)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, C)
         return self.wo(y)
 
-    def _attend_with_sinks(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Explicit causal attention with a sink column appended to the softmax; (B, H, T, D)."""
+    def _attend_with_sinks(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           mask: torch.Tensor | None) -> torch.Tensor:
+        """Explicit attention with a sink column appended to the softmax; q (B, H, T, D),
+        k, v (B, K, S, D), mask (T, S) of allowed pairs or None for all; returns (B, H, T, D)."""
         group = self.n_heads // self.n_kv_heads
-        k = k.repeat_interleave(group, dim=1)  # (B, H, T, D)
+        k = k.repeat_interleave(group, dim=1)  # (B, H, S, D)
         v = v.repeat_interleave(group, dim=1)
-        T = q.size(2)
-        scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))  # (B, H, T, T)
-        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-        scores = scores.masked_fill(~causal, float("-inf"))
+        T, S = q.size(2), k.size(2)
+        scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))  # (B, H, T, S)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
         sink = self.sinks.to(scores.dtype).view(1, -1, 1, 1).expand(q.size(0), -1, T, 1)
-        probs = torch.cat([scores, sink], dim=-1).float().softmax(dim=-1)[..., :T]  # drop the sink
+        probs = torch.cat([scores, sink], dim=-1).float().softmax(dim=-1)[..., :S]  # drop the sink
         return probs.to(v.dtype) @ v
 
 
@@ -114,15 +192,16 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, layer)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -134,7 +213,7 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.vocab_size = cfg.vocab_size
         self.tok_emb = nn.Embedding(padded_vocab_size(cfg.vocab_size, cfg.pad_vocab_multiple), cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         # The output projection reuses the embedding matrix (tied weights, Press & Wolf, 2017).
         cos, sin = rope_tables(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
@@ -157,20 +236,31 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                reduction: str = "mean") -> torch.Tensor:
+                reduction: str = "mean", cache: KVCache | None = None,
+                last_only: bool = False) -> torch.Tensor:
         """idx: (B, T) token ids. Returns logits (B, T, vocab) or, with targets (B, T), the
-        cross-entropy (targets of -100 are ignored; `reduction="sum"` for exact totals)."""
+        cross-entropy (targets of -100 are ignored; `reduction="sum"` for exact totals).
+
+        With a `cache`, idx holds the tokens that follow those the cache has seen; their keys
+        and values are added to it. `last_only` computes logits for the last position only,
+        all a sampler needs."""
         T = idx.size(1)
-        if T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        if cache is None:
+            if T > self.cfg.max_seq_len:
+                raise ValueError(f"sequence of {T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
+            cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        else:
+            cache.begin(T, idx.device)
+            cos, sin = self._rope(cache.pos, cache.pos + T)
         x = self.tok_emb(idx)  # (B, T, C)
         for block in self.blocks:
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(block, x, cos, sin, use_reentrant=False)
             else:
-                x = block(x, cos, sin)
-        x = self.norm(x)
+                x = block(x, cos, sin, cache)
+        if cache is not None:
+            cache.advance(T)
+        x = self.norm(x[:, -1:] if last_only else x)
         # The matmul runs on the padded shape; the padding columns are dropped before the
         # softmax so ids that do not exist get no probability.
         logits = F.linear(x, self.tok_emb.weight)[..., : self.vocab_size]  # (B, T, vocab)
@@ -178,3 +268,10 @@ class Transformer(nn.Module):
             return logits
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
                                ignore_index=-100, reduction=reduction)
+
+    def _rope(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE tables for positions start..end-1: the precomputed ones, or fresh past max_seq_len."""
+        if end <= self.rope_cos.size(0):
+            return self.rope_cos[start:end], self.rope_sin[start:end]
+        cos, sin = rope_at(start, end, self.rope_cos.size(1), self.cfg.rope_theta)
+        return cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
