@@ -1,7 +1,22 @@
-"""Held-out loss and perplexity: one implementation for the trainer's periodic eval and `llmctl eval`.
+"""Held-out loss, perplexity and bits per byte: one implementation for the trainer's periodic
+eval and `llmctl eval`.
 
-The loss is summed over every scored token and divided once at the end, so it is the
-exact mean token loss whatever the batch size; perplexity = exp(mean loss).
+Scoring. A token stream (the memory-mapped validation split, or documents tokenized on the
+fly) is cut into windows of `seq_len` inputs. Every token after the first is scored exactly
+once: with the default stride (= seq_len) the windows are disjoint, each token seeing the
+tokens before it in its own window; with a smaller `stride` S the windows slide by S and
+only their last S targets are scored, so each of those sees at least seq_len - S tokens of
+context (the transformers perplexity guide's method; slower by seq_len / S). The loss is
+summed over scored tokens and divided once at the end, so it is the exact mean token loss
+whatever the batch size; perplexity = exp(mean loss). Windows are batched and the stream is
+read chunk by chunk, so memory is bounded by the batch, not the dataset.
+
+Bits per byte = total loss in nats / ln 2 / UTF-8 bytes of the text evaluated. It does not
+depend on the tokenizer, so models with different vocabularies compare on the same text.
+The bytes are those of every document evaluated plus one per end-of-text token: documents
+are joined by EOS (as in training), the model is scored on predicting those boundaries,
+and each counts as one byte, like the newline that ends a line. For the validation split
+the documents' text is recovered by decoding the stored tokens.
 """
 
 from __future__ import annotations
@@ -9,31 +24,237 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from llmctl.data.batches import sequential_windows
+from llmctl.errors import ConfigError, LlmctlError
+
+if TYPE_CHECKING:
+    from llmctl.data.tokenizer import TextTokenizer
+    from llmctl.loading import LoadedModel
+
+CHUNK_TOKENS = 1 << 20  # tokens read from a memory-mapped split at a time
+ENCODE_BATCH = 256  # documents per call into the Rust tokenizer
+
+
+# --------------------------------------------------------------------------- windows
+
+def _chunks(tokens: np.ndarray | Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+    if isinstance(tokens, np.ndarray):
+        for i in range(0, len(tokens), CHUNK_TOKENS):
+            yield np.asarray(tokens[i: i + CHUNK_TOKENS])
+    else:
+        yield from tokens
+
+
+def scored_windows(tokens: np.ndarray | Iterable[np.ndarray], seq_len: int, stride: int = 0,
+                   max_tokens: int = 0) -> Iterator[tuple[np.ndarray, int]]:
+    """(window, n_scored) over a token stream: window holds up to seq_len + 1 tokens (inputs
+    and their next-token targets); only its last n_scored targets are new. Windows start at
+    0, S, 2S, ...; the last one may be shorter. `max_tokens` > 0 stops after that many targets."""
+    stride = stride or seq_len
+    if not 1 <= stride <= seq_len:
+        raise ValueError(f"stride {stride} must be in 1..{seq_len}")
+    buf = np.empty(0, dtype=np.int64)
+    offset = 0  # absolute index of buf[0]
+    start = 0  # absolute index of the next window's first token
+    scored = 0  # targets 1..scored are done (token 0 is never a target)
+    seen = 0
+    limit = max_tokens + 1 if max_tokens else None
+    for chunk in _chunks(tokens):
+        if limit is not None:
+            chunk = chunk[: max(0, limit - seen)]
+        seen += len(chunk)
+        buf = np.concatenate([buf[start - offset:], chunk.astype(np.int64)])
+        offset = start
+        while offset + len(buf) >= start + seq_len + 1:  # a full window is available
+            end = start + seq_len  # index of its last target
+            yield buf[start - offset: end + 1 - offset], end - scored
+            scored = end
+            start += stride
+        if limit is not None and seen >= limit:
+            break
+    total = offset + len(buf)
+    if total - 1 > scored:  # the tail: a shorter window whose remaining targets are new
+        yield buf[start - offset:], total - 1 - scored
+
+
+def _batches(windows: Iterator[tuple[np.ndarray, int]], batch_size: int
+             ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(x, y) of shape (B, T); targets already scored by an earlier window are -100 (ignored).
+    Only the last window can be shorter, and it comes in a batch of its own."""
+    pending: list[tuple[np.ndarray, int]] = []
+
+    def emit() -> tuple[torch.Tensor, torch.Tensor]:
+        w = torch.from_numpy(np.stack([win for win, _ in pending]))  # (B, T + 1)
+        x, y = w[:, :-1], w[:, 1:].clone()
+        for row, (win, n_scored) in enumerate(pending):
+            y[row, : len(win) - 1 - n_scored] = -100
+        pending.clear()
+        return x, y
+
+    for win, n_scored in windows:
+        if pending and len(win) != len(pending[0][0]):
+            yield emit()
+        pending.append((win, n_scored))
+        if len(pending) == batch_size:
+            yield emit()
+    if pending:
+        yield emit()
 
 
 @torch.no_grad()
-def evaluate_tokens(model: torch.nn.Module, tokens: np.ndarray, seq_len: int, batch_size: int,
-                    device: torch.device, autocast: contextlib.AbstractContextManager | None = None,
-                    max_tokens: int = 0) -> dict[str, float]:
-    """Mean next-token loss over `tokens` (or its first `max_tokens` targets)."""
+def evaluate_tokens(model: torch.nn.Module, tokens: np.ndarray | Iterable[np.ndarray], seq_len: int,
+                    batch_size: int, device: torch.device,
+                    autocast: contextlib.AbstractContextManager | None = None,
+                    max_tokens: int = 0, stride: int = 0) -> dict[str, float]:
+    """Mean next-token loss over a token stream (an array, or an iterable of arrays), or over
+    its first `max_tokens` targets. `model(x, y, reduction="sum")` must return the summed
+    cross-entropy of the targets that are not -100 (llmctl's Transformer does)."""
     was_training = model.training
     model.eval()
     total_loss, total_tokens = 0.0, 0
     start = time.perf_counter()
     try:
-        for x, y in sequential_windows(tokens, seq_len, batch_size, max_tokens):
+        for x, y in _batches(scored_windows(tokens, seq_len, stride, max_tokens), batch_size):
+            total_tokens += int((y != -100).sum())  # counted on the CPU: no extra device sync
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast or contextlib.nullcontext():
                 loss_sum = model(x, y, reduction="sum")
             total_loss += float(loss_sum)
-            total_tokens += y.numel()
     finally:
         model.train(was_training)
     mean = total_loss / max(total_tokens, 1)
     return {"loss": mean, "perplexity": math.exp(min(mean, 700.0)), "tokens": total_tokens,
-            "seconds": time.perf_counter() - start}
+            "loss_sum": total_loss, "seconds": time.perf_counter() - start}
+
+
+# --------------------------------------------------------------------------- text and bytes
+
+@dataclass
+class ByteCount:
+    bytes: int = 0
+    documents: int = 0
+
+
+def document_tokens(docs: Iterable[str], tokenizer: "TextTokenizer", count: ByteCount) -> Iterator[np.ndarray]:
+    """Each document's ids followed by EOS (packed as in training), counting UTF-8 bytes as it goes."""
+    batch: list[str] = []
+
+    def flush() -> Iterator[np.ndarray]:
+        for doc, ids in zip(batch, tokenizer.encode_batch(batch)):
+            count.bytes += len(doc.encode("utf-8")) + 1  # the text, and its end-of-text as one byte
+            count.documents += 1
+            yield np.asarray([*ids, tokenizer.eos_id], dtype=np.int64)
+        batch.clear()
+
+    for doc in docs:
+        batch.append(doc)
+        if len(batch) >= ENCODE_BATCH:
+            yield from flush()
+    if batch:
+        yield from flush()
+
+
+def stream_bytes(tokens: np.ndarray, tokenizer: "TextTokenizer") -> int:
+    """UTF-8 bytes a packed token stream stands for: each EOS-separated document decoded,
+    plus one byte per EOS. Read chunk by chunk; a document cut by a chunk is carried over."""
+    total = 0
+    carry = np.empty(0, dtype=np.int64)
+    for chunk in _chunks(tokens):
+        ids = np.concatenate([carry, chunk.astype(np.int64)])
+        eos = np.flatnonzero(ids == tokenizer.eos_id)
+        bounds = [-1, *eos.tolist()]
+        docs = [ids[a + 1: b].tolist() for a, b in zip(bounds[:-1], bounds[1:])]
+        total += len(eos) + sum(len(t.encode("utf-8")) for t in _decode_many(tokenizer, docs))
+        carry = ids[bounds[-1] + 1:]
+    if len(carry):
+        total += len(_decode_many(tokenizer, [carry.tolist()])[0].encode("utf-8"))
+    return total
+
+
+def _decode_many(tokenizer: "TextTokenizer", docs: list[list[int]]) -> list[str]:
+    backend = tokenizer.backend
+    if hasattr(backend, "decode_batch"):
+        return backend.decode_batch(docs, skip_special_tokens=False)
+    return [tokenizer.decode(d) for d in docs]
+
+
+# --------------------------------------------------------------------------- `llmctl eval`
+
+def bits_per_byte(loss_sum: float, n_bytes: int) -> float:
+    return loss_sum / math.log(2) / n_bytes if n_bytes else float("nan")
+
+
+def evaluate_model(loaded: "LoadedModel", datasets: list[str] | None = None, stride: int = 0,
+                   batch_size: int = 0) -> dict[str, Any]:
+    """Score a loaded model on each data spec (default: the validation split its run trained
+    with); one result row per dataset with loss, perplexity, bits per byte, tokens, bytes."""
+    from llmctl.runtime import autocast
+
+    seq_len = loaded.context_length
+    stride = stride or seq_len
+    if not 1 <= stride <= seq_len:
+        raise ConfigError(f"--stride {stride} must be between 1 and the context length {seq_len}")
+    batch_size = batch_size or loaded.eval_batch_size
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size {batch_size} must be at least 1")
+
+    def score(tokens: np.ndarray | Iterable[np.ndarray]) -> dict[str, float]:
+        return evaluate_tokens(loaded.model, tokens, seq_len, batch_size, loaded.device,
+                               autocast(loaded.device, loaded.dtype), stride=stride)
+
+    rows: dict[str, dict[str, Any]] = {}
+    if not datasets:
+        name, tokens = "validation", _training_validation(loaded)
+        result = score(tokens)
+        rows[name] = _row(result, stream_bytes(tokens, loaded.tokenizer))
+    else:
+        from llmctl.data.sources import iter_documents, parse_spec
+
+        specs = [parse_spec(s) for s in datasets]  # every spec checked before any scoring
+        for spec in specs:
+            count = ByteCount()
+            result = score(document_tokens(_eval_documents(spec, iter_documents), loaded.tokenizer, count))
+            if result["tokens"] == 0:
+                raise LlmctlError(f"data spec '{spec.raw}' gave fewer than 2 tokens to score; "
+                                  f"check that its files are not empty")
+            rows[spec.raw] = _row(result, count.bytes)
+    return {"checkpoint": loaded.source, "path": str(loaded.path) if loaded.path else None,
+            "context": seq_len, "stride": stride, "dtype": str(loaded.dtype).removeprefix("torch."),
+            "datasets": rows}
+
+
+def _row(result: dict[str, float], n_bytes: int) -> dict[str, Any]:
+    return {"loss": result["loss"], "perplexity": result["perplexity"],
+            "bits_per_byte": bits_per_byte(result["loss_sum"], n_bytes),
+            "tokens": int(result["tokens"]), "bytes": int(n_bytes), "seconds": result["seconds"]}
+
+
+def _eval_documents(spec: Any, iter_documents: Any) -> Iterator[str]:
+    """A source's validation split where it has one, else all its documents (a local file)."""
+    docs = iter_documents(spec, "validation")
+    first = next(docs, None)
+    if first is None:
+        yield from iter_documents(spec, "train")
+        return
+    yield first
+    yield from docs
+
+
+def _training_validation(loaded: "LoadedModel") -> np.ndarray:
+    """The validation tokens of the run that trained this checkpoint (from the token cache,
+    rebuilt from the run's data specs with its own tokenizer when missing)."""
+    if loaded.config is None:
+        raise ConfigError(f"{loaded.source} is not an llmctl checkpoint, so it has no training "
+                          f"validation split; pass --data SPEC (e.g. --data text:heldout.txt)")
+    from llmctl.data.store import prepare_store
+
+    tokens = prepare_store(loaded.config.data, loaded.tokenizer).tokens("validation")
+    if len(tokens) < 2:
+        raise LlmctlError(f"the validation split of {loaded.source} has fewer than 2 tokens; pass --data SPEC")
+    return tokens
