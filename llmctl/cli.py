@@ -122,6 +122,51 @@ def pretrain(
         typer.echo(summary["checkpoint"])
 
 
+@app.command()
+def bench(
+    preset: PresetOption = "local",
+    overrides: SetOption = None,
+    steps: Annotated[int, typer.Option("--steps", help="Timed optimizer steps.")] = 10,
+    warmup: Annotated[int, typer.Option("--warmup", help="Untimed steps first (compilation, allocator).")] = 3,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+) -> None:
+    """Measure training speed of a preset on this machine: tokens/s, MFU, peak memory.
+
+    Runs real optimizer steps on synthetic tokens. Example:
+    llmctl bench --preset local --set pretrain.batch_size=8 --steps 5 --json
+    """
+    with user_errors():
+        from llmctl.config import load_config
+
+        cfg = load_config(preset, overrides, run_name="bench")
+        from llmctl.bench import run_bench
+
+        result = run_bench(cfg, steps=steps, warmup=warmup)
+        if as_json:
+            import json
+
+            typer.echo(json.dumps(result))
+            return
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"llmctl bench --preset {preset}", show_header=False)
+        mfu = f"{result['mfu']:.1%} of {result['peak_tflops']:.2f} TFLOP/s ({result['peak_source']})" \
+            if result["mfu"] is not None else f"n/a ({result['peak_source']})"
+        for key, value in [
+            ("device", f"{result['device']}, {result['dtype']}{', compiled' if result['compiled'] else ''}"),
+            ("parameters", f"{result['params']:,}"),
+            ("tokens per step", f"{result['tokens_per_step']:,} (micro batch {result['micro_batch_size']}, "
+                                f"accumulation {result['accumulation']})"),
+            ("tokens/s", f"{result['tokens_per_sec']:,.0f}"),
+            ("achieved", f"{result['achieved_tflops'] * 1000:,.1f} GFLOP/s"),
+            ("MFU", mfu),
+            ("peak memory", f"{result['peak_memory_mb']:,.0f} MB"),
+        ]:
+            table.add_row(key, value)
+        Console().print(table)
+
+
 def main() -> None:
     app()
 

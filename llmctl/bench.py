@@ -1,0 +1,162 @@
+"""`llmctl bench`: how fast does this preset train on this machine?
+
+Runs real optimizer steps of the shared Trainer (same model, autocast, accumulation,
+clipping and AdamW as `pretrain`) on synthetic tokens, after a warm-up that absorbs
+compilation and allocator growth, and reports tokens/s, achieved FLOP/s, model FLOPs
+utilisation (MFU) and peak memory.
+
+FLOPs per token follow the PaLM appendix: 6·N for the matmuls of forward and backward
+(N = all parameters; with tied embeddings the output projection is the only use of the
+embedding matrix that costs FLOPs) plus 12·L·d·T for attention scores and values.
+MFU divides achieved FLOP/s by the device's peak for the dtype in use: a table of
+datasheet dense peaks for common NVIDIA GPUs, and on CPU a matmul peak measured on the
+spot (there is no datasheet number worth trusting for a laptop's sustained throughput).
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from typing import Any
+
+import torch
+
+from llmctl.config import Config
+from llmctl.errors import ConfigError
+from llmctl.model import Transformer
+from llmctl.runtime import resolve_device, resolve_dtype, seed_everything
+from llmctl.trainer import Trainer
+
+# Dense (no sparsity) peak TFLOP/s from NVIDIA datasheets: (bf16/fp16, tf32, fp32).
+GPU_PEAK_TFLOPS: dict[str, tuple[float, float, float]] = {
+    "H200": (989.0, 494.0, 67.0),
+    "H100 SXM": (989.0, 494.0, 67.0),
+    "H100 PCIe": (756.0, 378.0, 51.0),
+    "H100": (989.0, 494.0, 67.0),
+    "A100": (312.0, 156.0, 19.5),
+    "L40S": (362.0, 183.0, 91.6),
+    "L4": (121.0, 60.0, 30.3),
+    "A10": (125.0, 62.5, 31.2),
+    "RTX 4090": (165.2, 82.6, 82.6),
+    "RTX 3090": (71.0, 35.6, 35.6),
+    "V100": (125.0, 15.7, 15.7),
+    "T4": (65.0, 8.1, 8.1),
+}
+
+
+def flops_per_token(model: Transformer) -> float:
+    cfg = model.cfg
+    return 6.0 * model.num_parameters() + 12.0 * cfg.n_layers * cfg.d_model * cfg.max_seq_len
+
+
+def measure_cpu_peak(dtype: torch.dtype, size: int = 2048, seconds: float = 1.5) -> float:
+    """Sustained FLOP/s of a large square matmul in `dtype` on this CPU's threads."""
+    a = torch.randn(size, size).to(dtype)
+    b = torch.randn(size, size).to(dtype)
+    for _ in range(2):
+        a @ b
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        n += 1
+    return 2.0 * size**3 * n / (time.perf_counter() - start)
+
+
+def device_peak(device: torch.device, dtype: torch.dtype) -> tuple[float | None, str]:
+    """(peak FLOP/s, where the number came from)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, (half, tf32, fp32) in GPU_PEAK_TFLOPS.items():
+            if key.replace(" ", "").lower() in name.replace(" ", "").lower():
+                tflops = half if dtype in (torch.bfloat16, torch.float16) else (
+                    tf32 if torch.backends.cuda.matmul.allow_tf32 else fp32)
+                return tflops * 1e12, f"{key} datasheet"
+        return None, f"unknown GPU '{name}'"
+    if device.type == "cpu":
+        return measure_cpu_peak(dtype), "measured matmul peak"
+    return None, f"no peak known for {device.type}"
+
+
+class SyntheticBatches:
+    """Uniform random token windows: the data path costs nothing, so the step is what is timed."""
+
+    def __init__(self, vocab_size: int, micro_batch: int, seq_len: int, seed: int):
+        self.vocab_size, self.shape = vocab_size, (micro_batch, seq_len + 1)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        w = torch.randint(0, self.vocab_size, self.shape, generator=self.generator)
+        return w[:, :-1], w[:, 1:]
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    # ru_maxrss is KiB on Linux, bytes on macOS: the process's resident high-water mark.
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+def run_bench(cfg: Config, steps: int = 10, warmup: int = 3) -> dict[str, Any]:
+    if steps < 1 or warmup < 0:
+        raise ConfigError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
+    if cfg.model.vocab_size == 0:
+        from llmctl.data.tokenizer import load_tokenizer
+        from llmctl.pretrain import resolve_vocab
+
+        cfg = resolve_vocab(cfg, load_tokenizer(cfg.data.tokenizer).vocab_size)
+    device = resolve_device(cfg.run.device)
+    dtype = resolve_dtype(cfg.run.dtype, device)
+    seed_everything(cfg.run.seed)
+    model = Transformer(cfg.model).to(device)
+    batches = SyntheticBatches(cfg.model.vocab_size, cfg.pretrain.micro_batch_size, cfg.model.max_seq_len,
+                               cfg.run.seed)
+    trainer = Trainer(model, cfg.pretrain, batches=batches, evaluate=None, device=device, dtype=dtype,
+                      seq_len=cfg.model.max_seq_len, compile=cfg.run.compile)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(warmup):
+        trainer.train_step()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss, _ = trainer.train_step()
+    float(loss)  # wait for the device before stopping the clock
+    _sync(device)
+    seconds = time.perf_counter() - start
+    tokens = steps * cfg.pretrain.batch_size * cfg.model.max_seq_len
+    tokens_per_sec = tokens / seconds
+    achieved = tokens_per_sec * flops_per_token(model)
+    peak, peak_source = device_peak(device, dtype)
+    return {
+        "device": _device_name(device), "dtype": str(dtype).removeprefix("torch."),
+        "compiled": trainer.forward_model is not model,
+        "params": model.num_parameters(), "tokens_per_step": cfg.pretrain.batch_size * cfg.model.max_seq_len,
+        "micro_batch_size": cfg.pretrain.micro_batch_size, "accumulation": trainer.accumulation,
+        "steps": steps, "seconds": seconds, "tokens_per_sec": tokens_per_sec,
+        "flops_per_token": flops_per_token(model), "achieved_tflops": achieved / 1e12,
+        "peak_tflops": peak / 1e12 if peak else None, "peak_source": peak_source,
+        "mfu": achieved / peak if peak else None, "peak_memory_mb": peak_memory_mb(device),
+    }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        return f"cpu ({torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()})"
+    return device.type
