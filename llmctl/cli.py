@@ -167,6 +167,52 @@ def bench(
         Console().print(table)
 
 
+data_app = typer.Typer(
+    name="data", no_args_is_help=True,
+    help="Prepare and inspect token stores: read the sources, tokenize, pack into shards, cache.")
+app.add_typer(data_app, name="data")
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of a table.")]
+
+
+def _show_data(info: dict, as_json: bool) -> None:
+    if as_json:
+        import json
+
+        typer.echo(json.dumps(info))
+        return
+    from llmctl.data.report import render, wide_console
+
+    render(info, wide_console())
+
+
+@data_app.command("prepare")
+def data_prepare(preset: PresetOption = "local", overrides: SetOption = None, as_json: JsonOption = False) -> None:
+    """Tokenize data.datasets into the cached token store; resumes an interrupted run, reuses a finished one.
+
+    Example: llmctl data prepare --preset tiny --set 'data.datasets=["text:book.txt", "jsonl:chat.jsonl#content:5000"]'
+    """
+    with user_errors():
+        from llmctl.config import load_config
+        from llmctl.data.report import prepare_data, wide_console
+
+        cfg = load_config(preset, overrides)
+        _show_data(prepare_data(cfg.data, wide_console(stderr=True)), as_json)
+
+
+@data_app.command("info")
+def data_info(preset: PresetOption = "local", overrides: SetOption = None, as_json: JsonOption = False) -> None:
+    """Show the token store of a config: documents, tokens and bytes per source and split, cache path.
+
+    Example: llmctl data info --preset tiny --set 'data.datasets=["text:book.txt"]' --json
+    """
+    with user_errors():
+        from llmctl.config import load_config
+        from llmctl.data.report import describe
+
+        cfg = load_config(preset, overrides)
+        _show_data(describe(cfg.data), as_json)
+
+
 def main() -> None:
     app()
 

@@ -36,6 +36,8 @@ class DataConfig:
     tokenizer: str = "gpt2"  # Hub name or local folder with tokenizer.json
     cache_dir: str = ""  # token cache; "" = $LLMCTL_CACHE or ~/.cache/llmctl
     validation_fraction: float = 0.05  # held out when a source has no validation split
+    weights: list[float] = field(default_factory=list)  # per-source sampling weights; [] = by size
+    num_workers: int = 0  # tokenizer processes for data preparation; 0 = one per CPU core
 
 
 @dataclass
@@ -253,6 +255,10 @@ def validate(cfg: Config) -> None:
     _check(bool(d.tokenizer), "data.tokenizer is empty; name a Hub tokenizer (gpt2) or a local folder")
     _check(0.0 < d.validation_fraction < 0.5,
            f"data.validation_fraction must be in (0, 0.5), got {d.validation_fraction}")
+    _check(not d.weights or (len(d.weights) == len(d.datasets) and min(d.weights) >= 0 and sum(d.weights) > 0),
+           f"data.weights must be empty or one number >= 0 per data.datasets entry "
+           f"({len(d.datasets)}), not all 0; got {d.weights}")
+    _check(d.num_workers >= 0, f"data.num_workers must be >= 0 (0 = one per core), got {d.num_workers}")
     for key in ("d_model", "n_layers", "n_heads", "max_seq_len", "pad_vocab_multiple"):
         _check(getattr(m, key) >= 1, f"model.{key} must be >= 1, got {getattr(m, key)}")
     for key in ("vocab_size", "n_kv_heads", "ffn_hidden"):

@@ -79,10 +79,10 @@ def test_store_counts_match_direct_tokenization_and_is_reused(tmp_path, gpt2, wi
     assert store.tokens("train").dtype == np.uint16
     first_doc = gpt2.encode(docs[0]) + [gpt2.eos_id]
     assert store.tokens("train")[: len(first_doc)].tolist() == first_doc
-    mtime = os.stat(store.path / "train.bin").st_mtime_ns
+    mtime = os.stat(store.path / "manifest.json").st_mtime_ns
     time.sleep(0.01)
     again = prepare_store(cfg, gpt2)
-    assert again.path == store.path and os.stat(again.path / "train.bin").st_mtime_ns == mtime
+    assert again.path == store.path and os.stat(again.path / "manifest.json").st_mtime_ns == mtime
     # a changed source gives a new store, never a stale one
     text.write_text(text.read_text() + "\n\nOne more paragraph.\n")
     assert prepare_store(cfg, gpt2).path != store.path

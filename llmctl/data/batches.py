@@ -3,31 +3,57 @@
 Training draws random windows of `seq_len + 1` tokens (inputs and their next-token
 targets) from the memory-mapped stream with an explicit `torch.Generator`, so the data
 order is a pure function of the seed and resumes exactly from the generator's state.
+The stream may be a `TokenView` over many shards: a window that crosses a shard boundary
+is read from both. With `data.weights`, each window first picks a source with those
+probabilities, then a start uniformly inside that source's range, so a small corpus can be
+seen as often as a large one (sources are otherwise sampled in proportion to their size).
 Evaluation walks the stream in order with non-overlapping windows, so every token after
 the first is scored exactly once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 
 class RandomWindows:
-    """Endless (x, y) batches of shape (B, T) drawn uniformly from a token stream."""
+    """Endless (x, y) batches of shape (B, T) drawn uniformly from a token stream, or, with
+    `weights`, from `ranges` [(start, stop), ...] of it picked with those probabilities."""
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int):
+    def __init__(self, tokens: Any, seq_len: int, batch_size: int, seed: int,
+                 ranges: Sequence[tuple[int, int]] | None = None, weights: Sequence[float] | None = None):
         if len(tokens) < seq_len + 1:
             raise ValueError(f"{len(tokens)} training tokens are fewer than one window of {seq_len + 1}")
         self.tokens = tokens
         self.seq_len = seq_len
         self.batch_size = batch_size
         self.generator = torch.Generator().manual_seed(seed)
+        self.weighted = bool(weights)
+        if self.weighted:
+            if ranges is None or len(ranges) != len(weights):
+                raise ValueError("weights need one (start, stop) range each")
+            for (lo, hi), w in zip(ranges, weights):
+                if w > 0 and hi - lo < seq_len + 1:
+                    raise ValueError(f"a source with weight {w} has {hi - lo} training tokens, fewer than "
+                                     f"one window of {seq_len + 1}")
+            self.weights = torch.tensor(list(weights), dtype=torch.float64)
+            self.lows = torch.tensor([lo for lo, _ in ranges], dtype=torch.int64)
+            self.spans = torch.tensor([max(hi - lo - seq_len, 1) for lo, hi in ranges], dtype=torch.int64)
+
+    def _starts(self) -> torch.Tensor:
+        if not self.weighted:
+            return torch.randint(0, len(self.tokens) - self.seq_len, (self.batch_size,), generator=self.generator)
+        source = torch.multinomial(self.weights, self.batch_size, replacement=True, generator=self.generator)  # (B,)
+        u = torch.rand(self.batch_size, generator=self.generator, dtype=torch.float64)  # (B,)
+        offset = (u * self.spans[source]).long().clamp_max(self.spans[source] - 1)
+        return self.lows[source] + offset
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        starts = torch.randint(0, len(self.tokens) - self.seq_len, (self.batch_size,), generator=self.generator)
+        starts = self._starts()
         windows = np.stack([self.tokens[s: s + self.seq_len + 1] for s in starts.tolist()])
         windows = torch.from_numpy(windows.astype(np.int64))  # (B, T + 1)
         return windows[:, :-1], windows[:, 1:]
@@ -53,3 +79,17 @@ def sequential_windows(tokens: np.ndarray, seq_len: int, batch_size: int,
     if len(full) < len(starts):
         tail = torch.from_numpy(np.asarray(tokens[starts[-1]: n], dtype=np.int64))[None]
         yield tail[:, :-1], tail[:, 1:]
+
+
+def training_windows(store: Any, weights: Sequence[float], seq_len: int, batch_size: int,
+                     seed: int) -> RandomWindows:
+    """The trainer's batch source over a token store's train split (`data.weights` applied)."""
+    from llmctl.errors import LlmctlError
+
+    tokens = store.tokens("train")
+    try:
+        if weights:
+            return RandomWindows(tokens, seq_len, batch_size, seed, store.source_ranges("train"), weights)
+        return RandomWindows(tokens, seq_len, batch_size, seed)
+    except ValueError as e:
+        raise LlmctlError(f"{e}; add data or lower model.max_seq_len") from None

@@ -1,9 +1,20 @@
 """Data specs -> documents.
 
-A spec names one source: a registered Hub name (`wikitext-2-raw-v1`), any Hub dataset
-(`hf:ORG/NAME` or `hf:ORG/NAME/CONFIG`), or local files (`text:GLOB`). A trailing `:N`
-caps the source at N documents. Each source yields documents (strings) per split;
-blank lines and whitespace-only rows never become documents.
+A spec names one source:
+
+    wikitext-2-raw-v1, wikitext-103-raw-v1,      registered Hub corpora
+    roneneldan/TinyStories, openwebtext, wikipedia
+    hf:ORG/NAME[/CONFIG][#FIELD]                  any Hub dataset (text field FIELD, default text)
+    text:GLOB                                     local UTF-8 text; documents = blank-line blocks
+    jsonl:GLOB[#FIELD]                            local JSON Lines, one object per line
+    json:GLOB[#FIELD]                             local JSON arrays of objects
+    parquet:GLOB[#FIELD]                          local Parquet files, column FIELD
+
+and a trailing `:N` caps the source at N documents (`jsonl:chat/*.jsonl#content:5000`).
+The text field is part of the spec rather than a config key so that sources with
+different fields can be mixed. Each source yields documents (strings) per split; blank
+lines, whitespace-only rows and WikiText's empty separator rows never become documents.
+Big Hub corpora are streamed (`streaming=True`), so nothing holds a whole corpus.
 """
 
 from __future__ import annotations
@@ -16,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmctl.data.hub import hub_offline, require_hub
+from llmctl.data.readers import READERS, check_jsonl, check_parquet, read_text
 from llmctl.errors import ConfigError, LlmctlError
 
 
@@ -36,55 +48,86 @@ REGISTERED: dict[str, HubDataset] = {
     "wikipedia": HubDataset("wikimedia/wikipedia", "20231101.en", streaming=True),
 }
 
-LOCAL_KINDS = ("text",)
+LOCAL_KINDS = ("text", "jsonl", "json", "parquet")
+FIELD_KINDS = ("jsonl", "json", "parquet", "hub")  # kinds whose records have named fields
+_FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
+_FORMS = "a registered name ({}), hf:ORG/NAME[/CONFIG], text:GLOB, jsonl:GLOB, json:GLOB or parquet:GLOB"
 
 
 @dataclass(frozen=True)
 class SourceSpec:
     raw: str  # as the user wrote it
-    kind: str  # "hub" | "text"
+    kind: str  # "hub" | "text" | "jsonl" | "json" | "parquet"
     target: str  # registered name, hf path, or glob
     cap: int | None  # at most this many documents
+    field: str | None = None  # the text field of jsonl/json/parquet/hf records; None = "text"
 
     @property
     def label(self) -> str:
         return self.raw
 
+    @property
+    def text_field(self) -> str:
+        return self.field or "text"
+
+
+def _forms() -> str:
+    return _FORMS.format(", ".join(REGISTERED))
+
 
 def parse_spec(raw: str) -> SourceSpec:
+    """`KIND:TARGET[#FIELD][:N]` or a registered name; a mistake is one ConfigError line."""
     spec = raw.strip()
     if not spec:
-        raise ConfigError("empty data spec in data.datasets; use a registered name "
-                          f"({', '.join(REGISTERED)}), hf:ORG/NAME, or text:GLOB")
+        raise ConfigError(f"empty data spec in data.datasets; use {_forms()}")
     cap = None
     head, sep, tail = spec.rpartition(":")
-    if sep and re.fullmatch(r"-?\d+", tail):
+    if sep and re.fullmatch(r"[-+]?\d+", tail):
         cap = int(tail)
         if cap < 1:
             raise ConfigError(f"data spec '{raw}': the cap :{tail} must be a positive number of documents")
         spec = head
+    field = None
+    head, sep, tail = spec.rpartition("#")
+    if sep and _FIELD.fullmatch(tail):
+        spec, field = head, tail
     kind, sep, rest = spec.partition(":")
     if sep and kind in LOCAL_KINDS:
         if not rest:
             raise ConfigError(f"data spec '{raw}' names no files; write {kind}:PATH_OR_GLOB")
-        return SourceSpec(raw, kind, rest, cap)
+        if field is not None and kind == "text":
+            raise ConfigError(f"data spec '{raw}': text: files have no fields; drop '#{field}' "
+                              f"(or use jsonl:, json: or parquet: for records)")
+        return SourceSpec(raw, kind, rest, cap, field)
     if sep and kind == "hf":
-        if not rest:
+        if not rest or rest.count("/") > 2:
             raise ConfigError(f"data spec '{raw}' names no dataset; write hf:ORG/NAME or hf:ORG/NAME/CONFIG")
-        return SourceSpec(raw, "hub", rest, cap)
+        return SourceSpec(raw, "hub", rest, cap, field)
     if spec in REGISTERED:
+        if field is not None:
+            raise ConfigError(f"data spec '{raw}': registered corpora have a fixed text field; "
+                              f"drop '#{field}' or use hf:{REGISTERED[spec].path}#{field}")
         return SourceSpec(raw, "hub", spec, cap)
-    raise ConfigError(f"unknown data source '{raw}'; use a registered name "
-                      f"({', '.join(REGISTERED)}), hf:ORG/NAME[/CONFIG], or text:GLOB "
-                      f"(append :N to cap at N documents)")
+    import difflib
+
+    hint = difflib.get_close_matches(spec, list(REGISTERED), n=1)
+    dym = f" (did you mean '{hint[0]}'?)" if hint else ""
+    raise ConfigError(f"unknown data source '{raw}'{dym}; use {_forms()}, with #FIELD to name the "
+                      f"text field and :N to cap at N documents")
 
 
 def check_sources(specs: list[str]) -> list[SourceSpec]:
-    """Parse every spec and check local files exist, before any slow work starts."""
+    """Parse every spec and check local files (exist, readable, text field present) before
+    any slow work starts."""
     parsed = [parse_spec(s) for s in specs]
     for spec in parsed:
-        if spec.kind != "hub":
-            local_files(spec)
+        if spec.kind == "hub":
+            continue
+        for f in local_files(spec):
+            if spec.kind == "jsonl":
+                check_jsonl(f, spec.text_field)
+            elif spec.kind == "parquet":
+                check_parquet(f, spec.text_field)
     return parsed
 
 
@@ -93,8 +136,8 @@ def hub_dataset(spec: SourceSpec) -> HubDataset:
         return REGISTERED[spec.target]
     parts = spec.target.split("/")
     if len(parts) == 3:
-        return HubDataset(f"{parts[0]}/{parts[1]}", parts[2], streaming=True)
-    return HubDataset(spec.target, None, streaming=True)
+        return HubDataset(f"{parts[0]}/{parts[1]}", parts[2], streaming=True, text_field=spec.text_field)
+    return HubDataset(spec.target, None, streaming=True, text_field=spec.text_field)
 
 
 def local_files(spec: SourceSpec) -> list[Path]:
@@ -102,7 +145,10 @@ def local_files(spec: SourceSpec) -> list[Path]:
     matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
     files = [Path(m) for m in matches if Path(m).is_file()]
     if not files:
-        what = "matches no files" if glob.has_magic(pattern) else "is not a file"
+        if not glob.has_magic(pattern) and Path(pattern).is_dir():
+            what = f"is a folder; write {spec.kind}:{spec.target.rstrip('/')}/*"
+        else:
+            what = "matches no files" if glob.has_magic(pattern) else "is not a file"
         raise ConfigError(f"data spec '{spec.raw}': {spec.target} {what}; check the path "
                           f"(relative paths start from {os.getcwd()})")
     for f in files:
@@ -118,25 +164,12 @@ def fingerprint_inputs(spec: SourceSpec) -> list[str]:
     return [f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in local_files(spec)]
 
 
+def input_bytes(spec: SourceSpec) -> int | None:
+    """Total size of a local source's files (for progress and ETA); None for the Hub."""
+    return None if spec.kind == "hub" else sum(f.stat().st_size for f in local_files(spec))
+
+
 # --------------------------------------------------------------------------- documents
-
-def _paragraphs(path: Path) -> Iterator[str]:
-    """A text file's documents: blocks separated by blank (or whitespace-only) lines."""
-    block: list[str] = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    block.append(line.rstrip("\n"))
-                elif block:
-                    yield "\n".join(block)
-                    block = []
-    except UnicodeDecodeError as e:
-        raise LlmctlError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); "
-                          f"convert it, e.g. iconv -t utf-8") from None
-    if block:
-        yield "\n".join(block)
-
 
 def _hub_documents(spec: SourceSpec, split: str) -> Iterator[str] | None:
     """Documents of one Hub split, or None when the dataset has no such split."""
@@ -162,7 +195,7 @@ def _hub_documents(spec: SourceSpec, split: str) -> Iterator[str] | None:
         for row in ds:
             if ds_info.text_field not in row:
                 raise LlmctlError(f"'{spec.raw}' rows have no '{ds_info.text_field}' field "
-                                  f"(fields: {', '.join(row)})")
+                                  f"(fields: {', '.join(row)}); name it with hf:NAME#FIELD")
             text = row[ds_info.text_field]
             if isinstance(text, str) and text.strip():
                 yield text
@@ -175,19 +208,26 @@ def has_validation_split(spec: SourceSpec) -> bool:
 
 
 def iter_documents(spec: SourceSpec, split: str = "train") -> Iterator[str]:
-    """Documents of `split` ("train" or "validation"), capped at spec.cap."""
-    if spec.kind == "text":
-        if split != "train":
-            return iter(())
-        docs: Iterator[str] = (p for f in local_files(spec) for p in _paragraphs(f))
-    else:
+    """Documents of `split` ("train" or "validation"), capped at spec.cap. Local files have
+    only a train split (the store holds out its tail for validation)."""
+    if spec.kind == "hub":
         found = _hub_documents(spec, split)
-        docs = found if found is not None else iter(())
+        docs: Iterator[str] = found if found is not None else iter(())
+    elif split != "train":
+        return iter(())
+    elif spec.kind == "text":
+        docs = (d for f in local_files(spec) for d in read_text(f))
+    else:
+        read = READERS[spec.kind]
+        docs = (d for f in local_files(spec) for d in read(f, spec.text_field))
     return _capped(docs, spec.cap)
 
 
 def _capped(docs: Iterator[str], cap: int | None) -> Iterator[str]:
+    if cap is None:
+        yield from docs
+        return
     for i, doc in enumerate(docs):
-        if cap is not None and i >= cap:
+        if i >= cap:
             return
         yield doc

@@ -3,19 +3,27 @@
 `TextTokenizer` is the one type the rest of llmctl sees. It is built from a Hub name or a
 local folder (`AutoTokenizer`), or from the JSON stored inside a checkpoint, so a checkpoint
 copied anywhere still encodes and decodes exactly as in training. Its fingerprint (a hash of
-that JSON) ties token stores and checkpoints to the tokenizer that made them.
+that JSON) ties token stores and checkpoints to the tokenizer that made them, and
+`check_fingerprint` refuses to mix ids from two different tokenizers.
+
+`data.tokenizer = "train:V"` trains a byte-level BPE of V tokens on the configured sources
+instead (see `llmctl.data.bpe`); `resolve_tokenizer` is the one entry point for all three.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmctl.data.hub import require_hub
 from llmctl.errors import ConfigError, LlmctlError
+
+if TYPE_CHECKING:
+    from llmctl.config import DataConfig
 
 _EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "[SEP]")
 
@@ -62,6 +70,9 @@ class TextTokenizer:
 
 def load_tokenizer(name: str) -> TextTokenizer:
     """A Hub tokenizer name (`gpt2`) or a local folder holding tokenizer.json."""
+    if name.startswith("train:"):
+        raise ConfigError(f"data.tokenizer '{name}' is trained from data.datasets; "
+                          f"load it with resolve_tokenizer(cfg.data)")
     path = Path(os.path.expanduser(name))
     # A Hub id is NAME or ORG/NAME; anything that exists, or looks like a path, is local.
     looks_local = path.exists() or name.startswith((".", "/", "~")) or name.strip("/").count("/") > 1
@@ -96,3 +107,35 @@ def load_tokenizer(name: str) -> TextTokenizer:
                           f"add one (e.g. <|endoftext|>) as its eos_token")
     return TextTokenizer(backend, int(eos), name)
 
+
+
+def resolve_tokenizer(cfg: "DataConfig", on_status: Callable[[str], None] | None = None) -> TextTokenizer:
+    """`data.tokenizer` -> TextTokenizer: a Hub name, a local folder, or `train:V` (a byte-level
+    BPE trained on `data.datasets`, cached after the first time)."""
+    from llmctl.data.bpe import parse_train_spec, train_tokenizer
+
+    vocab = parse_train_spec(cfg.tokenizer)
+    if vocab is None:
+        return load_tokenizer(cfg.tokenizer)
+    return train_tokenizer(cfg, vocab, on_status)
+
+
+def planned_vocab_size(cfg: "DataConfig") -> int:
+    """The tokenizer's vocabulary without training one (for `--dry-run`): V for train:V
+    unless it is already trained and cached, else the loaded tokenizer's size."""
+    from llmctl.data.bpe import cached_trained_tokenizer, parse_train_spec
+
+    vocab = parse_train_spec(cfg.tokenizer)
+    if vocab is None:
+        return load_tokenizer(cfg.tokenizer).vocab_size
+    cached = cached_trained_tokenizer(cfg, vocab)
+    return cached.vocab_size if cached is not None else vocab
+
+
+def check_fingerprint(expected: str, tokenizer: TextTokenizer, what: str) -> None:
+    """Refuse ids made by another tokenizer: `what` (a token store, a checkpoint) was made with
+    tokenizer fingerprint `expected`."""
+    if expected != tokenizer.fingerprint:
+        raise LlmctlError(f"{what} was made with tokenizer fingerprint {expected}, but data.tokenizer "
+                          f"({tokenizer.source}) has fingerprint {tokenizer.fingerprint}; use the "
+                          f"tokenizer it was made with (a checkpoint carries its own)")

@@ -1,0 +1,131 @@
+"""`data.tokenizer = "train:V"`: a byte-level BPE of V tokens trained on the sources themselves.
+
+For offline work and for small models, where a 50k vocabulary spends most of the
+parameters on embeddings. The `tokenizers` BPE trainer (Rust) sees up to `SAMPLE_CHARS`
+characters of training documents, an equal share from each source taken from its start
+(in stream order, within its cap). Training therefore costs seconds to a few minutes
+whatever the corpus size, and what the trainer keeps (counts of distinct words) does not
+grow with the corpus. Trade-off: a source's held-out validation tail (local files) can be
+part of that sample; the leak is vocabulary only, and sources with their own validation
+split contribute only their train split.
+
+Byte-level (GPT-2 style pre-tokenizer and decoder, all 256 bytes in the alphabet) means
+no text is ever out of vocabulary. `<|endoftext|>` is id 0 and separates documents.
+Training is deterministic for the same inputs; the result is cached in
+`<cache>/tokenizer-<key>/` (key: sources and their file identities, V, sample size) with a
+`tokenizer_config.json`, so the folder also works as `data.tokenizer = <folder>`. The token
+store keeps a copy (tokenizer.json) and every checkpoint carries its JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from llmctl.config import DataConfig
+from llmctl.data.sources import SourceSpec, check_sources, fingerprint_inputs, iter_documents
+from llmctl.data.tokenizer import TextTokenizer, load_tokenizer
+from llmctl.errors import ConfigError, LlmctlError
+
+EOS = "<|endoftext|>"
+SAMPLE_CHARS = 50_000_000  # ~50 MB of text: plenty for vocabularies up to ~50k
+MIN_VOCAB = 256 + 1 + 1  # the byte alphabet, EOS, and at least one merge
+MAX_VOCAB = 1 << 20
+BPE_FORMAT = 1
+
+
+def parse_train_spec(name: str) -> int | None:
+    """V from `train:V`, None for any other tokenizer name."""
+    if not name.startswith("train:"):
+        return None
+    raw = name.removeprefix("train:")
+    if not re.fullmatch(r"\d+", raw) or not MIN_VOCAB <= int(raw) <= MAX_VOCAB:
+        raise ConfigError(f"data.tokenizer '{name}': V must be a whole number from {MIN_VOCAB} "
+                          f"(256 bytes, end-of-text, one merge) to {MAX_VOCAB}, e.g. train:8192")
+    return int(raw)
+
+
+def tokenizer_dir(cfg: DataConfig, vocab: int, specs: list[SourceSpec]) -> Path:
+    from llmctl.data.store import cache_root
+
+    identity = {"format": BPE_FORMAT, "vocab": vocab, "sample_chars": SAMPLE_CHARS,
+                "sources": [[s.raw, fingerprint_inputs(s)] for s in specs]}
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
+    return cache_root(cfg) / f"tokenizer-{key}"
+
+
+def _load(folder: Path, vocab: int) -> TextTokenizer:
+    # Through the same loader as any tokenizer folder, so `data.tokenizer = <folder>` gives the
+    # same fingerprint (transformers normalizes the JSON it loads).
+    loaded = load_tokenizer(str(folder))
+    return TextTokenizer(loaded.backend, loaded.eos_id, f"train:{vocab}")
+
+
+def cached_trained_tokenizer(cfg: DataConfig, vocab: int) -> TextTokenizer | None:
+    folder = tokenizer_dir(cfg, vocab, check_sources(cfg.datasets))
+    return _load(folder, vocab) if (folder / "tokenizer.json").is_file() else None
+
+
+def _sample(specs: list[SourceSpec], budget: int) -> Iterator[str]:
+    """Training documents, up to budget / len(specs) characters from the start of each source."""
+    share = budget // len(specs)
+    for spec in specs:
+        used = 0
+        docs = iter_documents(spec, "train")
+        for doc in docs:
+            yield doc
+            used += len(doc)
+            if used >= share:
+                break
+
+
+def train_tokenizer(cfg: DataConfig, vocab: int,
+                    on_status: Callable[[str], None] | None = None) -> TextTokenizer:
+    """The cached BPE for these sources and V, training it first when missing."""
+    specs = check_sources(cfg.datasets)
+    folder = tokenizer_dir(cfg, vocab, specs)
+    if (folder / "tokenizer.json").is_file():
+        return _load(folder, vocab)
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if on_status:
+        on_status(f"training a byte-level BPE tokenizer of {vocab:,} tokens on up to "
+                  f"{SAMPLE_CHARS // 1_000_000} MB of {', '.join(s.raw for s in specs)}")
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, min_frequency=2, special_tokens=[EOS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    seen = {"documents": 0}
+
+    def counted() -> Iterator[str]:
+        for doc in _sample(specs, SAMPLE_CHARS):
+            seen["documents"] += 1
+            yield doc
+    backend.train_from_iterator(counted(), trainer=trainer)
+    if seen["documents"] == 0:
+        raise LlmctlError(f"data.tokenizer '{cfg.tokenizer}': the sources yielded no text to train on; "
+                          f"check that data.datasets are not empty")
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    partial = folder.parent / f".{folder.name}.partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    try:
+        backend.save(str(partial / "tokenizer.json"))
+        (partial / "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS, "bos_token": EOS,
+            "unk_token": EOS, "model_max_length": 1 << 30, "add_prefix_space": False}, indent=2))
+        try:
+            os.replace(partial, folder)
+        except OSError:
+            if not (folder / "tokenizer.json").is_file():  # not a concurrent training that won the race
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return _load(folder, vocab)
