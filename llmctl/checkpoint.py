@@ -2,19 +2,30 @@
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts — model and
 optimizer state, the resolved config, step and tokens seen, RNG and data position, the
-tokenizer's JSON and a format version — so `torch.load(path, weights_only=True)` opens it
-and nothing in it can run code. Writes go to a temporary file in the same folder, are
-flushed and fsynced, then renamed over the target: a crash at any instant leaves either
-the old file or the new one, never half of one.
+evaluation history, the tokenizer's JSON and a format version — so
+`torch.load(path, weights_only=True)` opens it and nothing in it can run code. Writes go to
+a temporary file in the same folder, are flushed and fsynced, then renamed over the target:
+a crash (even `kill -9`) at any instant leaves either the old file or the new one, never half
+of one; a stray `.NAME.*.tmp` from a killed writer is removed when the next run starts.
+
+Resuming (`--resume`) picks the newest loadable checkpoint of a stage by step (a final
+checkpoint counts at its step), and refuses a config that differs from the checkpoint's
+except in keys that are safe to change (`RESUME_SAFE`, `RESUME_SAFE_TRAINING`): where and
+how fast to run, how long, how often to log, evaluate and save, and the two knobs a
+diverged run needs (lr, grad_clip). Retention (`keep_last`) deletes old step checkpoints
+but never the final one nor the one with the best validation loss.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import pickle
 import re
 import tempfile
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +33,13 @@ import torch
 
 from llmctl.config import Config
 from llmctl.data.tokenizer import TextTokenizer
-from llmctl.errors import LlmctlError
+from llmctl.errors import ConfigError, LlmctlError
+from llmctl.runtime import partial_file
 from llmctl.trainer import Callback, Trainer
 
 FORMAT_VERSION = 1
 KIND = "llmctl-checkpoint"
+RESUME_KEYS = ("model", "optimizer", "step", "tokens_seen", "data_position", "rng", "config")
 
 
 def checkpoint_path(run_dir: Path, run_name: str, stage: str, step: int | None) -> Path:
@@ -35,38 +48,61 @@ def checkpoint_path(run_dir: Path, run_name: str, stage: str, step: int | None) 
     return run_dir / f"{run_name}-{stage}_{suffix}.pt"
 
 
+# --------------------------------------------------------------------------- write and read
+
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """Write atomically: temp file in the same folder, flush + fsync, rename, fsync the folder."""
     payload = {"kind": KIND, "format_version": FORMAT_VERSION, **payload}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with partial_file(tmp):  # a second Ctrl-C deletes it rather than leave half a file
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(payload, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
     _fsync_dir(path.parent)  # make the rename itself durable
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """A small text file (config.toml) replaced in one step, never left half-written."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load and check an llmctl checkpoint; every failure is one LlmctlError line."""
+    """Load and check an llmctl checkpoint with weights_only=True; every failure is one LlmctlError line."""
     path = Path(path)
+    if path.is_dir():
+        raise LlmctlError(f"{path} is a folder, not a checkpoint file; pass a .pt file (or the run "
+                          f"directory where a command accepts one)")
     if not path.is_file():
         raise LlmctlError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise LlmctlError(f"{path} is empty (0 bytes), not a checkpoint")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols on foreign files
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported content"
-        raise LlmctlError(f"{path} was refused: it holds objects that are not plain tensors and values "
-                          f"({first[:160]}); llmctl never unpickles code — only load files you trust "
-                          f"with other tools") from None
+        found = _GLOBAL.search(str(e))
+        what = f"it would import {found[1]}" if found else "it holds pickled objects that are not plain data"
+        raise LlmctlError(f"{path} was refused: {what}; llmctl loads only tensors and plain values "
+                          f"(weights_only) and never unpickles code") from None
+    except MemoryError:
+        raise LlmctlError(f"{path} does not fit in memory") from None
     except Exception as e:  # a damaged zip or pickle stream fails in many ways (EOF, KeyError, ...)
-        raise LlmctlError(f"{path} is not a readable checkpoint (truncated or corrupted?): "
-                          f"{str(e).splitlines()[0][:160] if str(e) else type(e).__name__}") from None
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise LlmctlError(f"{path} is not a readable checkpoint (truncated or corrupted?): {first}") from None
     if not isinstance(payload, dict) or payload.get("kind") != KIND:
         raise LlmctlError(f"{path} is a PyTorch file but not an llmctl checkpoint")
     version = payload.get("format_version")
@@ -76,7 +112,18 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     return payload
 
 
+def require_keys(payload: dict[str, Any], path: Path, keys: tuple[str, ...] = RESUME_KEYS) -> None:
+    """A checkpoint to resume from must hold the whole training state, not just weights."""
+    missing = [k for k in keys if k not in payload]
+    if missing:
+        raise LlmctlError(f"{path} cannot be resumed from: it lacks {', '.join(missing)} "
+                          f"(a weights-only or damaged checkpoint)")
+
+
+# --------------------------------------------------------------------------- run directories
+
 _STEP = re.compile(r"-(?P<stage>[a-z]+)_step(?P<step>\d+)\.pt$")
+_PARTIAL = re.compile(r"^\..+\.pt\..+\.tmp$")
 
 
 def step_checkpoints(run_dir: Path, stage: str | None = None) -> list[tuple[int, Path]]:
@@ -87,6 +134,13 @@ def step_checkpoints(run_dir: Path, stage: str | None = None) -> list[tuple[int,
         if m and (stage is None or m["stage"] == stage):
             found.append((int(m["step"]), p))
     return sorted(found)
+
+
+def all_checkpoints(run_dir: Path) -> list[Path]:
+    """Every llmctl checkpoint file of any stage in a run directory."""
+    if not run_dir.is_dir():
+        return []
+    return sorted({p for _, p in step_checkpoints(run_dir)} | set(run_dir.glob("*_final.pt")))
 
 
 def resolve_checkpoint(path_or_dir: str | Path) -> Path:
@@ -105,13 +159,176 @@ def resolve_checkpoint(path_or_dir: str | Path) -> Path:
     raise LlmctlError(f"checkpoint not found: {p}; pass a .pt file or a run directory")
 
 
-def prune_step_checkpoints(run_dir: Path, stage: str, keep_last: int) -> None:
-    """Keep the `keep_last` newest step checkpoints of a stage; final ones are never touched."""
+def remove_partial_files(run_dir: Path) -> list[Path]:
+    """Delete `.NAME.pt.*.tmp` files that a killed writer left behind; they are never checkpoints."""
+    removed = []
+    if run_dir.is_dir():
+        for p in run_dir.iterdir():
+            if _PARTIAL.match(p.name) and p.is_file():
+                with contextlib.suppress(OSError):
+                    p.unlink()
+                    removed.append(p)
+    return removed
+
+
+def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to start over a run's checkpoints unless told to; refuse to resume nothing."""
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other: --resume continues the run "
+                          "in its directory, --overwrite deletes it and starts again; pass one")
+    existing = all_checkpoints(run_dir)
+    if resume and not existing:
+        where = f"{run_dir} holds no checkpoint" if run_dir.is_dir() else f"{run_dir} does not exist"
+        raise LlmctlError(f"nothing to resume: {where}; check --run-name (and run.output_dir), "
+                          f"or drop --resume to start a new run")
+    if existing and not resume and not overwrite:
+        count = f"{len(existing)} checkpoint{'s' if len(existing) > 1 else ''}"
+        raise LlmctlError(f"{run_dir} already holds {count}; pass --resume "
+                          f"to continue that run, --overwrite to delete it and start again, "
+                          f"or choose another --run-name")
+
+
+def newest_checkpoint(run_dir: Path, stage: str) -> tuple[Path, dict[str, Any], list[str]]:
+    """The newest loadable checkpoint of `stage` (by step; a final one counts at its step).
+
+    Returns (path, payload, notes): a newer file that cannot be loaded is skipped with a note
+    rather than ending the resume, since an older good one exists. With none loadable the
+    error names the newest file and why it failed."""
+    candidates: list[tuple[int, int, Path]] = [(step, 0, p) for step, p in step_checkpoints(run_dir, stage)]
+    notes: list[str] = []
+    loaded: dict[Path, dict[str, Any]] = {}
+    final = next(iter(run_dir.glob(f"*-{stage}_final.pt")), None)
+    first_error: LlmctlError | None = None
+    if final is not None:
+        try:
+            loaded[final] = load_checkpoint(final)
+            require_keys(loaded[final], final)
+            candidates.append((int(loaded[final]["step"]), 1, final))  # at equal steps the final wins
+        except LlmctlError as e:
+            first_error = e
+            notes.append(f"skipped {final.name}: {e}")
+    for _, _, path in sorted(candidates, reverse=True):
+        try:
+            payload = loaded.get(path) or load_checkpoint(path)
+            require_keys(payload, path)
+            if payload.get("stage", stage) != stage:
+                raise LlmctlError(f"{path} is a {payload.get('stage')} checkpoint, not {stage}")
+            return path, payload, notes
+        except LlmctlError as e:
+            first_error = first_error or e
+            notes.append(f"skipped {path.name}: {e}")
+    if first_error is not None:
+        raise LlmctlError(f"no loadable {stage} checkpoint to resume in {run_dir}: {first_error}")
+    raise LlmctlError(f"nothing to resume: {run_dir} holds no {stage} checkpoint; drop --resume "
+                      f"to start a new run")
+
+
+# --------------------------------------------------------------------------- resume config
+
+# Keys that may differ between a checkpoint and the run resuming it. They change where and how
+# fast the run computes, how long it goes and how often it logs, evaluates and saves — not
+# what is trained. lr and grad_clip are here because changing them is the fix for a diverged
+# run (the NaN guard's advice); the continuation is then no longer exact, and is announced.
+RESUME_SAFE = {"run.name", "run.output_dir", "run.device", "run.dtype", "run.compile", "run.log_every",
+               "data.cache_dir", "model.gradient_checkpointing", "eval.*"}
+RESUME_SAFE_TRAINING = {"max_steps", "eval_every", "save_every", "keep_last", "lr", "grad_clip"}
+RESUME_SECTIONS = ("run", "data", "model", "eval")  # plus the training stage's own section
+
+
+def _flatten(tree: dict[str, Any]) -> dict[str, Any]:
+    return {f"{section}.{key}": value for section, values in tree.items() if isinstance(values, dict)
+            for key, value in values.items()}
+
+
+def _is_safe(key: str, stage: str) -> bool:
+    section, name = key.split(".", 1)
+    if section == stage:
+        return name in RESUME_SAFE_TRAINING
+    return key in RESUME_SAFE or f"{section}.*" in RESUME_SAFE
+
+
+def resume_config_changes(saved: dict[str, Any], current: dict[str, Any], stage: str) -> list[str]:
+    """Compare the checkpoint's config with this run's. Unsafe differences raise one ConfigError
+    listing them all; safe ones come back as `key: old -> new` notes to show the user.
+
+    Only the sections this stage trains with are compared, and only keys present in both
+    (a key added by a newer llmctl does not block resuming an older run)."""
+    old, new = _flatten(saved), _flatten(current)
+    sections = set(RESUME_SECTIONS) | {stage}
+    changed = [k for k in sorted(old.keys() & new.keys())
+               if k.split(".", 1)[0] in sections and old[k] != new[k]]
+    unsafe = [k for k in changed if not _is_safe(k, stage)]
+    if unsafe:
+        shown = ", ".join(f"{k} {old[k]!r} -> {new[k]!r}" for k in unsafe[:8])
+        more = f" and {len(unsafe) - 8} more" if len(unsafe) > 8 else ""
+        allowed = ", ".join(sorted(k for k in RESUME_SAFE if k != "run.name")
+                            + [f"{stage}.{k}" for k in sorted(RESUME_SAFE_TRAINING)])
+        raise ConfigError(f"cannot resume: the config differs from the checkpoint's in {shown}{more}; "
+                          f"pass the original preset and --set values (only {allowed} may change), "
+                          f"or start a new run with another --run-name")
+    return [f"{k}: {old[k]!r} -> {new[k]!r}" for k in changed if k != "run.name"]
+
+
+@dataclass
+class ResumePoint:
+    """Where a resumed run starts: the checkpoint, its payload, and notes to show the user."""
+
+    path: Path
+    state: dict[str, Any]
+    notes: list[str]
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+
+def find_resume_point(run_dir: Path, stage: str, cfg: Config, tokenizer: TextTokenizer) -> ResumePoint:
+    """The newest loadable checkpoint of `stage`, checked against this run's config and tokenizer."""
+    path, state, notes = newest_checkpoint(run_dir, stage)
+    changes = resume_config_changes(state["config"], cfg.to_dict(), stage)
+    saved_tok = state.get("tokenizer", {}).get("fingerprint")
+    if saved_tok and saved_tok != tokenizer.fingerprint:
+        raise ConfigError(f"cannot resume from {path}: it was trained with another tokenizer than "
+                          f"data.tokenizer={cfg.data.tokenizer}; use the original tokenizer")
+    max_steps = getattr(cfg, stage).max_steps
+    step = int(state["step"])
+    if step > max_steps or (step == max_steps and path.name.endswith("_final.pt")):
+        raise ConfigError(f"nothing to resume: {path.name} is at step {step} and {stage}.max_steps is "
+                          f"{max_steps}; raise it (e.g. --set {stage}.max_steps={step * 2}) to train further")
+    return ResumePoint(path, state, notes + [f"changed on resume: {c}" for c in changes])
+
+
+def check_same_data(point: ResumePoint, data_meta: dict[str, Any]) -> None:
+    """The data position only means something on the same token stream."""
+    then = point.state.get("data", {}).get("tokens", {}).get("train")
+    now = data_meta.get("tokens", {}).get("train")
+    if then is not None and now is not None and then != now:
+        raise LlmctlError(f"cannot resume from {point.path}: the training data changed since it was saved "
+                          f"({then:,} train tokens then, {now:,} now — an edited or replaced file?); "
+                          f"restore the data, or start a new run with another --run-name")
+
+
+# --------------------------------------------------------------------------- retention
+
+def best_checkpoint_step(history: list[dict[str, Any]], steps: set[int]) -> int | None:
+    """The step, among `steps` that have a checkpoint, whose evaluation had the lowest loss.
+
+    An evaluation at step s runs right after the checkpoint of step s is saved, on the same
+    weights, so it scores that checkpoint."""
+    scored = [(h["val_loss"], h["step"]) for h in history
+              if h["step"] in steps and isinstance(h.get("val_loss"), float) and math.isfinite(h["val_loss"])]
+    return min(scored)[1] if scored else None
+
+
+def prune_step_checkpoints(run_dir: Path, stage: str, keep_last: int, protect: set[int] = frozenset()) -> None:
+    """Keep the `keep_last` newest step checkpoints of a stage, plus those at `protect` steps;
+    final checkpoints are never touched."""
     if keep_last <= 0:
         return
-    for _, old in step_checkpoints(run_dir, stage)[:-keep_last]:
-        with contextlib.suppress(OSError):
-            old.unlink()
+    for step, old in step_checkpoints(run_dir, stage)[:-keep_last]:
+        if step not in protect:
+            with contextlib.suppress(OSError):
+                old.unlink()
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -128,7 +345,8 @@ def _fsync_dir(directory: Path) -> None:
 
 
 class CheckpointCallback(Callback):
-    """Writes `<run>-<stage>_step{N}.pt` and `<run>-<stage>_final.pt`, each self-contained."""
+    """Writes `<run>-<stage>_step{N}.pt` and `<run>-<stage>_final.pt`, each self-contained,
+    and applies retention: the `keep_last` newest step checkpoints and the best-validation one."""
 
     def __init__(self, run_dir: Path, cfg: Config, stage: str, tokenizer: TextTokenizer,
                  data_meta: dict[str, Any], keep_last: int):
@@ -138,7 +356,10 @@ class CheckpointCallback(Callback):
         self.tokenizer = tokenizer
         self.data_meta = data_meta
         self.keep_last = keep_last
-        self.last_path: Path | None = None
+        self.last_path: Path | None = None  # the newest good checkpoint (set to the resumed one on resume)
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        remove_partial_files(self.run_dir)
 
     def on_save(self, trainer: Trainer, final: bool) -> None:
         path = checkpoint_path(self.run_dir, self.cfg.run.name, self.stage, None if final else trainer.step)
@@ -150,5 +371,15 @@ class CheckpointCallback(Callback):
             **trainer.state_dict(),
         })
         self.last_path = path
-        if not final:
-            prune_step_checkpoints(self.run_dir, self.stage, self.keep_last)
+        self.prune(trainer)
+
+    def on_eval(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        self.prune(trainer)  # this evaluation may have made another checkpoint the best
+
+    def best_step(self, trainer: Trainer) -> int | None:
+        return best_checkpoint_step(trainer.history, {s for s, _ in step_checkpoints(self.run_dir, self.stage)})
+
+    def prune(self, trainer: Trainer) -> None:
+        if self.keep_last > 0:
+            best = self.best_step(trainer)
+            prune_step_checkpoints(self.run_dir, self.stage, self.keep_last, {best} if best is not None else set())

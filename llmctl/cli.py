@@ -93,11 +93,15 @@ def pretrain(
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="Print the resolved config and derived numbers, then exit.")] = False,
     overwrite: Annotated[bool, typer.Option(
-        "--overwrite", help="Start again in a run directory that already holds checkpoints.")] = False,
+        "--overwrite", help="Delete the run directory's checkpoints and start again there.")] = False,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue the run from its newest checkpoint; pass the same preset and --set "
+                         "values (max_steps, eval/save cadence, lr, grad_clip, device and dtype may change).")] = False,
 ) -> None:
     """Pretrain a decoder-only transformer from scratch (next-token prediction).
 
     Example: llmctl pretrain --preset tiny --run-name demo --set pretrain.max_steps=100
+    (stopped? add --resume to continue exactly where it left off)
     """
     with user_errors():
         from llmctl.config import load_config
@@ -116,9 +120,10 @@ def pretrain(
             return
         from rich.console import Console
 
-        from llmctl.pretrain import run_pretrain
+        from llmctl.pretrain import resume_command, run_pretrain
 
-        summary = run_pretrain(cfg, Console(stderr=True), overwrite=overwrite)
+        summary = run_pretrain(cfg, Console(stderr=True), overwrite=overwrite, resume=resume,
+                               resume_command=resume_command(preset, overrides, cfg.run.name))
         typer.echo(summary["checkpoint"])
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from llmctl.checkpoint import CheckpointCallback, step_checkpoints
+from llmctl.checkpoint import CheckpointCallback, check_run_dir, check_same_data, find_resume_point, write_text_atomic
 from llmctl.config import Config
 from llmctl.data.batches import RandomWindows
 from llmctl.data.sources import check_sources
@@ -26,7 +26,7 @@ from llmctl.evaluate import evaluate_tokens
 from llmctl.model import Transformer
 from llmctl.progress import MetricsCallback, ProgressCallback, RunLog
 from llmctl.runtime import autocast, resolve_device, resolve_dtype, seed_everything
-from llmctl.trainer import Trainer
+from llmctl.trainer import Trainer, TrainingStopped
 
 STAGE = "pretrain"
 
@@ -86,22 +86,31 @@ def dry_run(cfg: Config) -> tuple[Config, Plan]:
     return cfg, make_plan(cfg)
 
 
+def resume_command(preset: str, overrides: list[str] | None, run_name: str) -> str:
+    """The command line that continues this run: same preset and --set values, plus --resume."""
+    import shlex
+
+    sets = [a for o in overrides or [] for a in ("--set", o)]
+    return shlex.join(["llmctl", "pretrain", "--preset", preset, "--run-name", run_name, *sets, "--resume"])
+
+
 def run_dir_of(cfg: Config) -> Path:
     return Path(cfg.run.output_dir).expanduser() / cfg.run.name
 
 
-def run_pretrain(cfg: Config, console: Console, overwrite: bool = False) -> dict[str, Any]:
-    """Train from scratch; returns a summary with the final checkpoint's path."""
+def run_pretrain(cfg: Config, console: Console, overwrite: bool = False, resume: bool = False,
+                 resume_command: str | None = None) -> dict[str, Any]:
+    """Train from scratch, or with `resume` continue from the run's newest checkpoint; returns
+    a summary with the final checkpoint's path. `resume_command` is the command line to show
+    when a signal stops the run."""
     run_dir = run_dir_of(cfg)
-    existing = (step_checkpoints(run_dir) + [(0, p) for p in run_dir.glob("*_final.pt")]) if run_dir.is_dir() else []
-    if existing and not overwrite:
-        raise LlmctlError(f"{run_dir} already holds checkpoints; pass --overwrite to start again there, "
-                          f"or choose another --run-name")
+    check_run_dir(run_dir, resume=resume, overwrite=overwrite)
     device = resolve_device(cfg.run.device)
     dtype = resolve_dtype(cfg.run.dtype, device)
     check_sources(cfg.data.datasets)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     cfg = resolve_vocab(cfg, tokenizer.vocab_size)
+    point = find_resume_point(run_dir, STAGE, cfg, tokenizer) if resume else None  # before slow data work
     console.print(f"data: {', '.join(cfg.data.datasets)} with tokenizer {cfg.data.tokenizer}",
                   markup=False, highlight=False)
     store = prepare_store(cfg.data, tokenizer)
@@ -109,6 +118,8 @@ def run_pretrain(cfg: Config, console: Console, overwrite: bool = False) -> dict
     if len(train_tokens) < cfg.model.max_seq_len + 1:
         raise LlmctlError(f"only {len(train_tokens)} training tokens, fewer than one window of "
                           f"model.max_seq_len + 1 = {cfg.model.max_seq_len + 1}; add data or lower max_seq_len")
+    if point is not None:
+        check_same_data(point, store.meta)
 
     seed_everything(cfg.run.seed)
     model = Transformer(cfg.model).to(device)
@@ -123,12 +134,15 @@ def run_pretrain(cfg: Config, console: Console, overwrite: bool = False) -> dict
     if overwrite and run_dir.is_dir():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.toml").write_text(cfg.to_toml())
+    write_text_atomic(run_dir / "config.toml", cfg.to_toml())
     progress = ProgressCallback(console, RunLog(run_dir / "training.log"), title=f"{cfg.run.name} {STAGE}")
     checkpoints = CheckpointCallback(run_dir, cfg, STAGE, tokenizer, store.meta, cfg.pretrain.keep_last)
     trainer = Trainer(model, cfg.pretrain, batches=batches, evaluate=evaluate, device=device, dtype=dtype,
                       seq_len=cfg.model.max_seq_len, log_every=cfg.run.log_every, compile=cfg.run.compile,
                       callbacks=[progress, MetricsCallback(run_dir / "metrics.jsonl"), checkpoints])
+    if point is not None:
+        trainer.load_state_dict(point.state)
+        checkpoints.last_path = point.path
     plan = make_plan(cfg)
     progress.say(f"run {cfg.run.name}: {plan.parameters:,} parameters on {device.type} "
                  f"({str(dtype).removeprefix('torch.')}), {plan.tokens_per_step:,} tokens/step "
@@ -136,8 +150,17 @@ def run_pretrain(cfg: Config, console: Console, overwrite: bool = False) -> dict
                  f"{cfg.pretrain.max_steps} steps")
     progress.say(f"data: {len(train_tokens):,} train tokens, {len(val_tokens):,} validation tokens "
                  f"(cache {store.path})")
+    if point is not None:
+        progress.say(f"resumed from {point.path.name} at step {trainer.step} ({trainer.tokens_seen:,} tokens seen)")
+        for note in point.notes:
+            progress.say(note)
+        point = None  # free the loaded state: the trainer holds its own copy now
     try:
         summary = trainer.fit()
+    except TrainingStopped as e:
+        e.explain(checkpoints.last_path, resume_command, STAGE)
+        progress.log.write(str(e))
+        raise
     finally:
         progress.close()
     summary["checkpoint"] = str(checkpoints.last_path)

@@ -4,12 +4,17 @@
 perplexity, lr, tokens/s, ETA and the last validation perplexity; otherwise plain lines.
 Either way the same lines go to `training.log`. `MetricsCallback` appends one JSON object
 per logged step and per eval to `metrics.jsonl` for scripts and plots.
+
+On resume from step k, `metrics.jsonl` is cut back to what the checkpoint knew (records up
+to step k, and only the evaluations in its history) so that a crashed attempt's later
+records do not appear twice; training.log keeps everything, since it is a diary.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +70,8 @@ class ProgressCallback(Callback):
             self.console.print(line, markup=False, highlight=False, soft_wrap=True)
 
     def on_fit_start(self, trainer: Trainer) -> None:
+        if trainer.history:  # resumed: show the last validation from before the stop
+            self._last_val = f"{trainer.history[-1]['val_perplexity']:.2f}"
         if self.live:
             self._progress = Progress(
                 TextColumn(f"[bold]{self.title}[/]"), BarColumn(), MofNCompleteColumn(),
@@ -99,6 +106,25 @@ class ProgressCallback(Callback):
 class MetricsCallback(Callback):
     def __init__(self, path: Path):
         self.path = path
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        if trainer.step > 0 and self.path.is_file():
+            self.truncate(trainer.step, {h["step"] for h in trainer.history})
+
+    def truncate(self, step: int, eval_steps: set[int]) -> None:
+        """Keep records up to `step`, and evaluation records only at `eval_steps`; atomic."""
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a crash
+            at = record.get("step", 0) if isinstance(record, dict) else 0
+            if at <= step and (record.get("type") != "eval" or at in eval_steps):
+                kept.append(line)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, self.path)
 
     def _append(self, record: dict[str, Any]) -> None:
         with open(self.path, "a", encoding="utf-8") as f:

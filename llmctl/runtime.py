@@ -1,14 +1,23 @@
-"""Where and in what precision to run: device and dtype resolution, autocast, seeding.
+"""How the process runs: device and dtype resolution, autocast, seeding, RNG state, stop signals.
 
 `dtype = "auto"` picks bf16 autocast (fp32 master weights) where the hardware does bf16
 natively — CUDA from Ampere on, and CPUs with AVX-512 BF16 / AMX — and fp32 elsewhere.
 fp16 is only offered on CUDA, where a gradient scaler keeps it stable.
+
+`StopSignals` turns SIGINT (Ctrl-C) and SIGTERM (preemption) into a polite request that the
+training loop honours between steps: a step in flight always completes, so the checkpoint
+written afterwards is a consistent state. A second signal is the escape hatch: the process
+deletes any file it is half-way through writing (`partial_file`) and exits at once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import random
+import signal
+import threading
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -92,3 +101,99 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------- stop signals
+
+_PARTIAL_FILES: set[str] = set()
+
+
+@contextlib.contextmanager
+def partial_file(path: str | os.PathLike) -> Iterator[None]:
+    """Mark a temporary file being written, so a forced exit deletes it instead of leaving half a file."""
+    key = os.fspath(path)
+    _PARTIAL_FILES.add(key)
+    try:
+        yield
+    finally:
+        _PARTIAL_FILES.discard(key)
+
+
+class StopRequested(BaseException):
+    """Raised inside `StopSignals.interruptible()` when the first signal arrives.
+
+    A BaseException, like KeyboardInterrupt, so that no `except Exception` swallows it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def signal_name(signum: int) -> str:
+    return signal.Signals(signum).name
+
+
+class StopSignals:
+    """While active, SIGINT and SIGTERM ask the training loop to stop instead of killing it.
+
+    The first signal sets `signum`; the loop polls `requested` after each step, saves and
+    exits with 128 + signum. Inside `interruptible()` (an evaluation: long, and it changes no
+    state) the first signal raises `StopRequested` at once instead. A second signal deletes
+    the files registered with `partial_file`, prints one line and calls `os._exit(128 + signum)`
+    without running any more Python code that could write. Handlers are installed only in
+    the main thread (the only place Python delivers signals) and restored on exit.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+        self._interruptible = False
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+        self._previous.clear()
+
+    @contextlib.contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """A region that the first signal may abandon at once (raises StopRequested)."""
+        if self.signum is not None:
+            raise StopRequested(self.signum)
+        self._interruptible = True
+        try:
+            yield
+        finally:
+            self._interruptible = False
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signum is None:
+            self.signum = signum
+            if self._interruptible:
+                self._interruptible = False
+                raise StopRequested(signum)
+            return
+        force_exit(signum)
+
+
+def force_exit(signum: int) -> None:
+    """Delete half-written files and leave now: the second Ctrl-C must not wait for anything."""
+    for path in list(_PARTIAL_FILES):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    message = (f"\nsecond {signal_name(signum)}: stopped at once without saving; the newest complete "
+               f"checkpoint is untouched (continue with --resume)\n")
+    with contextlib.suppress(OSError):
+        os.write(2, message.encode())
+    os._exit(128 + signum)

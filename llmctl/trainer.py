@@ -8,6 +8,21 @@ its batches (ignored targets) and starting weights.
 One optimizer step = `accumulation` micro-batches, each loss scaled by 1/accumulation so
 the summed gradient equals that of one batch of `batch_size` sequences. The loss is read
 back to the host only at log steps, so the device never waits on the Python loop.
+
+Stopping safely, for every stage alike:
+- Resume: `state_dict()` holds everything the loop depends on (weights, optimizer, step and
+  thus the LR position, tokens seen, the batch source's position, every RNG, the evaluation
+  history); `load_state_dict()` then `fit()` continues bit-identically on CPU in fp32. An
+  evaluation that was due at the resumed step but had not finished is run first.
+- NaN/Inf guard without a sync per step: each step folds "is the loss and gradient norm
+  finite" into a device-side scalar holding the first bad step (a few tiny kernels, no host
+  read). The host reads it where it syncs anyway — at log steps — and before every save and
+  evaluation, so a bad state is never written over a good checkpoint; the error names the
+  first bad step. With fp16 the gradient scaler already skips steps with inf gradients, so
+  only the loss is watched there.
+- Signals: inside `fit()` SIGINT/SIGTERM ask for a stop (`runtime.StopSignals`); the step in
+  flight completes, a checkpoint of that step is saved and `TrainingInterrupted` (exit code
+  130 / 143) is raised. An evaluation is abandoned at once (it changes no state).
 """
 
 from __future__ import annotations
@@ -16,12 +31,14 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
 from llmctl.config import TrainConfig
-from llmctl.runtime import autocast, rng_state, set_rng_state
+from llmctl.errors import LlmctlError
+from llmctl.runtime import StopRequested, StopSignals, autocast, rng_state, set_rng_state, signal_name
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -58,6 +75,62 @@ class BatchSource(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
+class TrainingStopped(LlmctlError):
+    """Training ended before max_steps. `step` is the last completed optimizer step.
+
+    The trainer knows the step; the stage that runs it knows the checkpoint and the command
+    line, and completes the one-line message with `explain()`."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+    def explain(self, checkpoint: Path | None, resume_command: str | None, section: str) -> "TrainingStopped":
+        self.args = (self.describe(checkpoint, resume_command, section),)
+        return self
+
+    def describe(self, checkpoint: Path | None, resume_command: str | None, section: str) -> str:
+        return str(self)
+
+
+class TrainingInterrupted(TrainingStopped):
+    """SIGINT or SIGTERM: a checkpoint of the current step was saved; exit code 128 + signal."""
+
+    def __init__(self, signum: int, step: int):
+        super().__init__(f"stopped by {signal_name(signum)} at step {step}", step)
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+    def describe(self, checkpoint: Path | None, resume_command: str | None, section: str) -> str:
+        saved = f"saved {checkpoint}" if checkpoint else "no checkpoint saved"
+        how = f"resume with: {resume_command}" if resume_command else "resume with the same command plus --resume"
+        return f"stopped by {signal_name(self.signum)} at step {self.step}; {saved}; {how}"
+
+
+class NonFiniteLoss(TrainingStopped):
+    """The loss or gradient norm became NaN/Inf; nothing was saved after the last good step."""
+
+    exit_code = 1
+
+    def __init__(self, step: int, loss: float, grad_norm: float):
+        super().__init__(f"the loss became non-finite at step {step}", step)
+        self.loss, self.grad_norm = loss, grad_norm
+
+    def describe(self, checkpoint: Path | None, resume_command: str | None, section: str) -> str:
+        what = (f"loss {self.loss}" if not math.isfinite(self.loss) else "loss finite") + \
+               f", gradient norm {self.grad_norm}"
+        if checkpoint:
+            good = f"the last good checkpoint is {checkpoint} (nothing was saved after it)"
+            then = (f"then continue from it: {resume_command} --set {section}.lr=<lower>"
+                    if resume_command else "then continue from it with --resume")
+        else:
+            good = "no checkpoint had been saved yet"
+            then = "then start again with --overwrite"
+        return (f"training diverged at step {self.step} ({what}); {good}; try a lower {section}.lr "
+                f"or more {section}.warmup_steps, run.dtype=bfloat16 instead of float16, or "
+                f"{section}.grad_clip=1.0; {then}")
+
+
 class Callback:
     """Hooks the trainer calls; records are plain dicts."""
 
@@ -90,6 +163,12 @@ class Trainer:
         self.history: list[dict[str, Any]] = []  # eval records, for resume and summaries
         self.forward_model: torch.nn.Module = model
         self._compile_pending = compile
+        # NaN guard, on the device: first non-finite step (0 = none) and its (loss, grad norm).
+        self._bad_step = torch.zeros((), dtype=torch.long, device=device)
+        self._bad_values = torch.zeros(2, device=device)
+        self._checked_good = 0  # steps up to here are known finite
+        self._saved_step = -1  # the step of the newest checkpoint written by this fit
+        self.stop: StopSignals | None = None
 
     # ------------------------------------------------------------------ one step
 
@@ -139,15 +218,30 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def fit(self) -> dict[str, Any]:
+        """Train from `self.step` to max_steps; raises TrainingStopped on a signal or NaN/Inf."""
         self.model.train()
         for cb in self.callbacks:
             cb.on_fit_start(self)
+        with StopSignals() as self.stop:
+            try:
+                summary = self._loop()
+            finally:
+                self.stop = None
+        for cb in self.callbacks:
+            cb.on_fit_end(self, summary)
+        return summary
+
+    def _loop(self) -> dict[str, Any]:
         cfg = self.cfg
         interval_start, interval_tokens = time.perf_counter(), 0
         fit_start = time.perf_counter()
         start_step = self.step
+        if self._eval_pending():  # saved at an eval step, but that evaluation never finished
+            self._eval_or_stop()
         while self.step < cfg.max_steps:
+            self._stop_if_requested()
             loss, grad_norm = self.train_step()
+            self._watch(loss, grad_norm)
             interval_tokens += cfg.batch_size * self.seq_len
             step, last = self.step, self.step == cfg.max_steps
             if step % self.log_every == 0 or last or step == start_step + 1:
@@ -164,39 +258,97 @@ class Trainer:
                 }
                 for cb in self.callbacks:
                     cb.on_log(self, record)
+                self.check_finite()  # already synced: costs nothing here
                 interval_start, interval_tokens = time.perf_counter(), 0
             pause_start = time.perf_counter()
+            self._stop_if_requested()
             # Save before evaluating: an eval that crashes must not cost the steps since the last save.
             if step % cfg.save_every == 0 and not last:
-                for cb in self.callbacks:
-                    cb.on_save(self, final=False)
+                self.save(final=False)
             if (step % cfg.eval_every == 0 or last) and self.evaluate_fn is not None:
-                self.run_eval()
+                self._eval_or_stop()
             interval_start += time.perf_counter() - pause_start  # tokens/s counts training time only
         summary = {"step": self.step, "tokens": self.tokens_seen,
                    "seconds": time.perf_counter() - fit_start,
                    "val_loss": self.history[-1]["val_loss"] if self.history else None,
-                   "val_perplexity": self.history[-1]["val_perplexity"] if self.history else None}
-        for cb in self.callbacks:
-            cb.on_save(self, final=True)
-        for cb in self.callbacks:
-            cb.on_fit_end(self, summary)
+                   "val_perplexity": self.history[-1]["val_perplexity"] if self.history else None,
+                   "best": self.best}
+        self.save(final=True)
         return summary
+
+    def _eval_pending(self) -> bool:
+        due = self.step > 0 and (self.step % self.cfg.eval_every == 0 or self.step == self.cfg.max_steps)
+        return due and self.evaluate_fn is not None and not any(h["step"] == self.step for h in self.history)
+
+    def _eval_or_stop(self) -> None:
+        self.check_finite()  # an eval of NaN weights says nothing; stop before it
+        if self.stop is None:
+            self.run_eval()
+            return
+        try:
+            with self.stop.interruptible():
+                self.run_eval()
+        except StopRequested:
+            self._stop_if_requested()
+
+    def _stop_if_requested(self) -> None:
+        if self.stop is not None and self.stop.requested:
+            self.check_finite()
+            if self._saved_step != self.step:
+                self.save(final=False)
+            raise TrainingInterrupted(self.stop.signum, self.step)
+
+    # ------------------------------------------------------------------ NaN guard and saving
+
+    def _watch(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        """Remember the first step whose loss (or, without a grad scaler, gradient norm) is
+        not finite — on the device, without a host sync."""
+        values = torch.stack([loss.detach().float(), grad_norm.detach().float()])  # (2,)
+        finite = torch.isfinite(values[0]) if self.scaler else torch.isfinite(values).all()
+        first = finite.logical_not() & (self._bad_step == 0)
+        self._bad_step = torch.where(first, self.step, self._bad_step)
+        self._bad_values = torch.where(first, values, self._bad_values)
+
+    def check_finite(self) -> None:
+        """Raise NonFiniteLoss if any step so far was not finite (one host sync)."""
+        if self._checked_good == self.step:
+            return
+        bad = int(self._bad_step)
+        if bad:
+            loss, norm = self._bad_values.tolist()
+            raise NonFiniteLoss(bad, loss, norm)
+        self._checked_good = self.step
+
+    def save(self, final: bool) -> None:
+        """Ask the callbacks to save the current state, after checking that it is finite."""
+        self.check_finite()
+        for cb in self.callbacks:
+            cb.on_save(self, final=final)
+        self._saved_step = self.step
 
     def run_eval(self) -> dict[str, Any]:
         result = self.evaluate_fn()
+        best = self.best
         record = {"step": self.step, "tokens": self.tokens_seen, "val_loss": result["loss"],
                   "val_perplexity": result["perplexity"], "val_tokens": result["tokens"],
-                  "eval_seconds": result["seconds"]}
+                  "eval_seconds": result["seconds"],
+                  "best": math.isfinite(result["loss"]) and (best is None or result["loss"] < best["val_loss"])}
         self.history.append(record)
         for cb in self.callbacks:
             cb.on_eval(self, record)
         return record
 
+    @property
+    def best(self) -> dict[str, Any] | None:
+        """The evaluation record with the lowest validation loss so far."""
+        scored = [h for h in self.history if math.isfinite(h["val_loss"])]
+        return min(scored, key=lambda h: h["val_loss"]) if scored else None
+
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        """Everything `fit()` depends on, as tensors and plain values (weights_only-loadable)."""
+        state = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "step": self.step,
@@ -205,12 +357,23 @@ class Trainer:
             "rng": rng_state(),
             "history": list(self.history),
         }
+        if self.scaler is not None:
+            state["grad_scaler"] = self.scaler.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.batches.load_state_dict(state["data_position"])
+            set_rng_state(state["rng"])
+            if self.scaler is not None and "grad_scaler" in state:
+                self.scaler.load_state_dict(state["grad_scaler"])
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise LlmctlError(f"the checkpoint's training state does not fit this run: {first}") from None
         self.step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
-        self.batches.load_state_dict(state["data_position"])
-        set_rng_state(state["rng"])
         self.history = list(state.get("history", []))
+        self._checked_good = self.step
+        self._saved_step = self.step  # its checkpoint exists already
