@@ -17,10 +17,11 @@ from rich.console import Console
 
 from llmctl.checkpoint import CheckpointCallback, check_run_dir, check_same_data, find_resume_point, write_text_atomic
 from llmctl.config import Config
-from llmctl.data.batches import RandomWindows
+from llmctl.data.batches import training_windows
 from llmctl.data.sources import check_sources
 from llmctl.data.store import prepare_store
-from llmctl.data.tokenizer import load_tokenizer
+from llmctl.data.report import PrepareDisplay
+from llmctl.data.tokenizer import planned_vocab_size, resolve_tokenizer
 from llmctl.errors import ConfigError, LlmctlError
 from llmctl.evaluate import evaluate_tokens
 from llmctl.model import Transformer
@@ -82,7 +83,7 @@ def make_plan(cfg: Config) -> Plan:
 
 def dry_run(cfg: Config) -> tuple[Config, Plan]:
     check_sources(cfg.data.datasets)
-    cfg = resolve_vocab(cfg, load_tokenizer(cfg.data.tokenizer).vocab_size)
+    cfg = resolve_vocab(cfg, planned_vocab_size(cfg.data))
     return cfg, make_plan(cfg)
 
 
@@ -108,12 +109,13 @@ def run_pretrain(cfg: Config, console: Console, overwrite: bool = False, resume:
     device = resolve_device(cfg.run.device)
     dtype = resolve_dtype(cfg.run.dtype, device)
     check_sources(cfg.data.datasets)
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    tokenizer = resolve_tokenizer(cfg.data, lambda line: console.print(line, markup=False, highlight=False))
     cfg = resolve_vocab(cfg, tokenizer.vocab_size)
     point = find_resume_point(run_dir, STAGE, cfg, tokenizer) if resume else None  # before slow data work
     console.print(f"data: {', '.join(cfg.data.datasets)} with tokenizer {cfg.data.tokenizer}",
                   markup=False, highlight=False)
-    store = prepare_store(cfg.data, tokenizer)
+    with PrepareDisplay(console) as show:  # builds (or resumes) the store when it is missing
+        store = prepare_store(cfg.data, tokenizer, show)
     train_tokens, val_tokens = store.tokens("train"), store.tokens("validation")
     if len(train_tokens) < cfg.model.max_seq_len + 1:
         raise LlmctlError(f"only {len(train_tokens)} training tokens, fewer than one window of "
@@ -123,7 +125,8 @@ def run_pretrain(cfg: Config, console: Console, overwrite: bool = False, resume:
 
     seed_everything(cfg.run.seed)
     model = Transformer(cfg.model).to(device)
-    batches = RandomWindows(train_tokens, cfg.model.max_seq_len, cfg.pretrain.micro_batch_size, cfg.run.seed)
+    batches = training_windows(store, cfg.data.weights, cfg.model.max_seq_len, cfg.pretrain.micro_batch_size,
+                               cfg.run.seed)
     eval_batch = cfg.eval.batch_size or cfg.pretrain.micro_batch_size
 
     def evaluate() -> dict[str, float]:
