@@ -135,7 +135,8 @@ def check_parquet(path: Path, field: str) -> None:
         raise LlmctlError(f"{path} has no '{field}' column (columns: {', '.join(schema.names[:8])}); "
                           f"{_field_fix('parquet')}")
     kind = schema.field(field).type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)
+            or pa.types.is_null(kind)):  # an all-null column: no documents
         raise LlmctlError(f"{path}: column '{field}' holds {kind}, not strings")
 
 

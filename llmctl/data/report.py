@@ -112,9 +112,9 @@ def describe(cfg: DataConfig, tokenizer: TextTokenizer | None = None) -> dict[st
 def prepare_data(cfg: DataConfig, console: Console) -> dict[str, Any]:
     """Tokenizer, then the token store (built, resumed or reused); returns `describe`'s dict
     plus `reused` and `seconds`."""
+    specs = check_sources(cfg.datasets)  # a bad spec fails before the tokenizer loads
     with PrepareDisplay(console) as display:
         tokenizer = resolve_tokenizer(cfg, display.say)
-        specs = check_sources(cfg.datasets)
         existing = open_store(store_path(cfg, specs, tokenizer)) is not None
         start = time.perf_counter()
         store = prepare_store(cfg, tokenizer, display)
