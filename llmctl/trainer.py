@@ -117,11 +117,10 @@ class NonFiniteLoss(TrainingStopped):
         self.loss, self.grad_norm = loss, grad_norm
 
     def describe(self, checkpoint: Path | None, resume_command: str | None, section: str) -> str:
-        what = (f"loss {self.loss}" if not math.isfinite(self.loss) else "loss finite") + \
-               f", gradient norm {self.grad_norm}"
+        what = f"loss {self.loss:.4g}, gradient norm {self.grad_norm:.4g}"
         if checkpoint:
             good = f"the last good checkpoint is {checkpoint} (nothing was saved after it)"
-            then = (f"then continue from it: {resume_command} --set {section}.lr=<lower>"
+            then = (f"then continue from it: {_without_set(resume_command, f'{section}.lr')} --set {section}.lr=<lower>"
                     if resume_command else "then continue from it with --resume")
         else:
             good = "no checkpoint had been saved yet"
@@ -129,6 +128,19 @@ class NonFiniteLoss(TrainingStopped):
         return (f"training diverged at step {self.step} ({what}); {good}; try a lower {section}.lr "
                 f"or more {section}.warmup_steps, run.dtype=bfloat16 instead of float16, or "
                 f"{section}.grad_clip=1.0; {then}")
+
+
+def _without_set(command: str, key: str) -> str:
+    """A shell command line minus its `--set KEY=...` options (the hint adds a new value)."""
+    import shlex
+
+    args, kept = shlex.split(command), []
+    for i, arg in enumerate(args):
+        if arg.startswith(f"{key}=") and i > 0 and args[i - 1] == "--set":
+            kept.pop()
+            continue
+        kept.append(arg)
+    return shlex.join(kept)
 
 
 class Callback:
