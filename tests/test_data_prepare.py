@@ -319,6 +319,8 @@ def test_killed_prepare_resumes_to_the_same_shards(tmp_path, gpt2_dir, gpt2, sha
     partial = next(cache.glob("*.partial"))
     done_before = {p.stem: (partial / f"{p.stem}.bin").stat().st_ino for p in partial.glob("*.json")}
     assert 3 <= len(done_before) < 20, "the kill landed mid-way"
+    info = llmctl("data", "info", *args[2:], "--json", cwd=tmp_path, env=env)
+    assert json.loads(info.stdout)["prepared"] is False and json.loads(info.stdout)["resumable_shards"] >= 3
 
     resumed = llmctl(*args, "--json", cwd=tmp_path, env=env)
     assert resumed.returncode == 0, resumed.stderr

@@ -43,7 +43,7 @@ import numpy as np
 from llmctl.data.tokenizer import TextTokenizer
 from llmctl.errors import ConfigError
 
-DEFAULT_SHARD_CHARS = 16 << 20  # ~16 MB of text -> ~4M GPT-2 tokens -> an 8 MB uint16 shard
+DEFAULT_SHARD_CHARS = 8 << 20  # ~8 MB of text -> ~2M GPT-2 tokens -> a 4 MB uint16 shard
 ENCODE_BATCH = 1024  # documents per call into the Rust tokenizer
 ENCODE_BATCH_CHARS = 1 << 20  # ... or fewer, when documents are long
 
