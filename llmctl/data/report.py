@@ -117,7 +117,11 @@ def prepare_data(cfg: DataConfig, console: Console) -> dict[str, Any]:
         tokenizer = resolve_tokenizer(cfg, display.say)
         existing = open_store(store_path(cfg, specs, tokenizer)) is not None
         start = time.perf_counter()
-        store = prepare_store(cfg, tokenizer, display)
+        try:
+            store = prepare_store(cfg, tokenizer, display)
+        except KeyboardInterrupt:
+            display.say("data: interrupted; the finished shards are kept, run the same command again to resume")
+            raise
         seconds = time.perf_counter() - start
     tokens = sum(store.meta["tokens"].values())
     if existing:
