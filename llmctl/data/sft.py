@@ -220,3 +220,57 @@ def read_records(path: Path, kind: str) -> Iterator[tuple[str, dict[str, Any]]]:
             yield f"{path} row {i}", record
     else:
         raise ConfigError(f"unknown SFT file kind '{kind}'; use json:, jsonl: or parquet:")
+
+
+# --------------------------------------------------------------------------- batches
+
+def pad_batch(examples: list[Example], pad_id: int):
+    """(x, y) of shape (B, T_max): right-padded, so no real token ever attends to padding
+    (attention is causal) and padding positions carry IGNORE targets. One example per row:
+    examples never attend to one another."""
+    import torch
+
+    T = max(len(e.input_ids) for e in examples)
+    x = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    y = torch.full((len(examples), T), IGNORE, dtype=torch.long)
+    for row, e in enumerate(examples):
+        x[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
+        y[row, : len(e.labels)] = torch.tensor(e.labels)
+    return x, y
+
+
+class ExampleBatches:
+    """Endless micro-batches of examples drawn by a seeded permutation, epoch after epoch.
+
+    The position (epoch, index into the permutation) and the generator are the whole state,
+    so a resumed run draws exactly the batches it would have drawn."""
+
+    def __init__(self, examples: list[Example], batch_size: int, pad_id: int, seed: int):
+        import torch
+
+        if not examples:
+            raise LlmctlError("no SFT training examples; check sft.datasets")
+        self.examples, self.batch_size, self.pad_id = examples, batch_size, pad_id
+        self.generator = torch.Generator().manual_seed(seed)
+        self.epoch, self.index = 0, 0
+        self.order = torch.randperm(len(examples), generator=self.generator).tolist()
+
+    def next_batch(self):
+        import torch
+
+        chosen = []
+        for _ in range(self.batch_size):
+            if self.index == len(self.order):
+                self.epoch, self.index = self.epoch + 1, 0
+                self.order = torch.randperm(len(self.examples), generator=self.generator).tolist()
+            chosen.append(self.examples[self.order[self.index]])
+            self.index += 1
+        return pad_batch(chosen, self.pad_id)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "epoch": self.epoch, "index": self.index,
+                "order": list(self.order)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.epoch, self.index, self.order = int(state["epoch"]), int(state["index"]), list(state["order"])
