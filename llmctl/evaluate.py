@@ -190,6 +190,21 @@ def bits_per_byte(loss_sum: float, n_bytes: int) -> float:
     return loss_sum / math.log(2) / n_bytes if n_bytes else float("nan")
 
 
+def run_eval(checkpoint: str, datasets: list[str] | None = None, stride: int = 0, batch_size: int = 0,
+             device: str = "auto", dtype: str = "float32") -> dict[str, Any]:
+    """`llmctl eval`: check the options, load the model, score it on each dataset."""
+    from llmctl.data.sources import parse_spec
+    from llmctl.loading import load_model
+
+    if stride < 0:
+        raise ConfigError(f"--stride {stride} must be >= 0 (0 = the context length: disjoint windows)")
+    if batch_size < 0:
+        raise ConfigError(f"--batch-size {batch_size} must be >= 0 (0 = the run's eval batch size)")
+    for spec in datasets or []:
+        parse_spec(spec)  # a typo fails before the model loads
+    return evaluate_model(load_model(checkpoint, device=device, dtype=dtype), datasets, stride, batch_size)
+
+
 def evaluate_model(loaded: "LoadedModel", datasets: list[str] | None = None, stride: int = 0,
                    batch_size: int = 0) -> dict[str, Any]:
     """Score a loaded model on each data spec (default: the validation split its run trained
