@@ -13,6 +13,7 @@ import os
 import sys
 import traceback
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -170,6 +171,115 @@ def bench(
         ]:
             table.add_row(key, value)
         Console().print(table)
+
+
+CheckpointOption = Annotated[str, typer.Option(
+    "--checkpoint", "-c", help="An llmctl checkpoint file or run directory (its final, else latest, "
+                               "checkpoint), or a transformers model folder or Hub id.")]
+DeviceOption = Annotated[str, typer.Option("--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")]
+
+
+@app.command("eval")
+def eval_command(
+    checkpoint: CheckpointOption,
+    data: Annotated[Optional[list[str]], typer.Option(
+        "--data", "-d", metavar="SPEC",
+        help="Data spec to score (text:GLOB, a Hub name, SPEC:N); repeatable, one row each. "
+             "Default: the validation split the run trained with.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+    stride: Annotated[int, typer.Option(
+        "--stride", help="Slide windows by S tokens, scoring only their last S, so every token sees at "
+                         "least context - S tokens before it (0 = context: disjoint windows).")] = 0,
+    batch_size: Annotated[int, typer.Option(
+        "--batch-size", "-b", help="Windows per forward pass (0 = the run's eval batch size).")] = 0,
+    device: DeviceOption = "auto",
+    dtype: Annotated[str, typer.Option(
+        "--dtype", help="float32 (exact), bfloat16 (faster where supported) or auto.")] = "float32",
+) -> None:
+    """Score a model on held-out text: mean token loss, perplexity and bits per byte.
+
+    Example: llmctl eval --checkpoint experiments/runs/demo --data text:heldout.txt --stride 32 --json
+    """
+    with user_errors():
+        from llmctl.evaluate import run_eval
+
+        result = run_eval(checkpoint, data, stride, batch_size, device, dtype)
+        if as_json:
+            import json
+
+            typer.echo(json.dumps(result))
+            return
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"{result['path'] or result['checkpoint']}  (context {result['context']}, "
+                            f"stride {result['stride']}, {result['dtype']})")
+        for column in ("data", "loss", "perplexity", "bits/byte", "tokens", "bytes", "seconds"):
+            table.add_column(column, justify="left" if column == "data" else "right")
+        for name, row in result["datasets"].items():
+            table.add_row(name, f"{row['loss']:.4f}", f"{row['perplexity']:.2f}", f"{row['bits_per_byte']:.4f}",
+                          f"{row['tokens']:,}", f"{row['bytes']:,}", f"{row['seconds']:.1f}")
+        Console().print(table)
+
+
+@app.command()
+def generate(
+    checkpoint: CheckpointOption,
+    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Text to continue.")] = None,
+    prompt_file: Annotated[Optional[Path], typer.Option(
+        "--prompt-file", "-f", help="Read the prompt from this UTF-8 file instead.")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-m", help="Stop after N new tokens.")] = 256,
+    temperature: Annotated[float, typer.Option(
+        "--temperature", "-t", help="Sampling temperature; 0 = greedy (always the most likely token).")] = 0.8,
+    top_k: Annotated[int, typer.Option("--top-k", help="Sample from the K most likely tokens; 0 = off.")] = 0,
+    top_p: Annotated[float, typer.Option(
+        "--top-p", help="Sample from the smallest set of tokens whose probability reaches P, in (0, 1]; 1 = off.")] = 0.95,
+    repetition_penalty: Annotated[float, typer.Option(
+        "--repetition-penalty", help="Above 1 discourages tokens already in the text; 1 = off.")] = 1.0,
+    stop: Annotated[Optional[list[str]], typer.Option(
+        "--stop", help="Stop before this string (not printed); repeatable.")] = None,
+    num_samples: Annotated[int, typer.Option(
+        "--num-samples", "-n", help="Independent samples, printed one after another, separated by a '---' line.")] = 1,
+    seed: Annotated[Optional[int], typer.Option(
+        "--seed", help="Seed for sampling (sample i uses SEED + i); default: random, shown in the summary.")] = None,
+    device: DeviceOption = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or auto.")] = "float32",
+    no_cache: Annotated[bool, typer.Option(
+        "--no-cache", help="Re-run the whole context every token instead of using the KV cache (slow).")] = False,
+) -> None:
+    """Write text with a trained model; the text streams to stdout, a summary goes to stderr.
+
+    Example: llmctl generate --checkpoint experiments/runs/demo --prompt "ROMEO:" --temperature 0 --stop "\\n\\n"
+    """
+    with user_errors():
+        from llmctl.generate import generate_samples, read_prompt
+
+        out = sys.stdout
+        tty = out.isatty()
+
+        def write(text: str) -> None:
+            out.write(text)
+            out.flush()
+
+        def sample_end(i: int, result: object) -> None:
+            text = getattr(result, "text")
+            if (tty or num_samples > 1) and not text.endswith("\n"):
+                write("\n")
+            if i + 1 < num_samples:
+                write("---\n")
+
+        results = generate_samples(
+            checkpoint, read_prompt(prompt, prompt_file), num_samples, on_text=write, on_sample_end=sample_end,
+            device=device, dtype=dtype, use_cache=not no_cache, max_new_tokens=max_new_tokens,
+            temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+            stop=tuple(stop or ()), seed=seed)
+        tokens = sum(r.tokens for r in results)
+        seconds = sum(r.seconds for r in results)
+        finished = ", ".join(sorted({r.finish_reason for r in results}))
+        samples = f"{len(results)} samples, " if len(results) > 1 else ""
+        sys.stderr.write(f"generate: {samples}{tokens} tokens in {seconds:.2f}s ({tokens / max(seconds, 1e-9):,.1f} "
+                         f"tokens/s), prompt {results[0].prompt_tokens} tokens, finished: {finished}, "
+                         f"seed {results[0].seed}\n")
 
 
 data_app = typer.Typer(
