@@ -96,7 +96,7 @@ def _utf8_len(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode("utf-8"))
 
 
-def _replace_durably(data_writer: Callable[[Any], None], target: Path) -> None:
+def replace_durably(data_writer: Callable[[Any], None], target: Path) -> None:
     """Write through `data_writer(file)` to a temporary name, fsync, rename onto `target`."""
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:
@@ -132,12 +132,12 @@ def write_shard(backend: Any, eos_id: int, dtype: str, docs: list[str], folder: 
             f.write(arr.data)
 
     bin_path = folder / f"{name}.bin"
-    _replace_durably(write_bin, bin_path)
+    replace_durably(write_bin, bin_path)
     index = np.concatenate(ends) if ends else np.zeros((0, 2), dtype=np.int64)
-    _replace_durably(lambda f: f.write(index.astype(np.int64).data), folder / f"{name}.idx")
+    replace_durably(lambda f: f.write(index.astype(np.int64).data), folder / f"{name}.idx")
     record = {"name": name, "documents": len(docs), "tokens": n_tokens, "bytes": n_bytes,
               "file_bytes": bin_path.stat().st_size, "sha256": hasher.hexdigest()}
-    _replace_durably(lambda f: f.write(json.dumps(record).encode()), folder / f"{name}.json")
+    replace_durably(lambda f: f.write(json.dumps(record).encode()), folder / f"{name}.json")
     return record
 
 

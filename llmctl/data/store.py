@@ -39,7 +39,7 @@ import numpy as np
 from llmctl.config import DataConfig
 from llmctl.data import holdout
 from llmctl.data.shards import (ShardWriter, chunked, completed_shards, default_workers, read_index,
-                                shard_chars)
+                                replace_durably, shard_chars)
 from llmctl.data.sources import (SourceSpec, check_sources, fingerprint_inputs, has_validation_split,
                                  input_bytes, iter_documents)
 from llmctl.data.tokenizer import TextTokenizer, check_fingerprint
@@ -249,14 +249,13 @@ def prepare_store(cfg: DataConfig, tokenizer: TextTokenizer,
         except LlmctlError:
             shutil.rmtree(partial, ignore_errors=True)  # bad input: cache nothing
             raise
-        (partial / "tokenizer.json").write_text(tokenizer.to_json())
-        (partial / MANIFEST).write_text(json.dumps(meta, indent=1))
-        for marker in partial.glob("*.json"):  # the manifest now holds every shard's record
-            if marker.name not in (MANIFEST, "tokenizer.json"):
-                marker.unlink()
+        replace_durably(lambda f: f.write(tokenizer.to_json().encode()), partial / "tokenizer.json")
+        replace_durably(lambda f: f.write(json.dumps(meta, indent=1).encode()), partial / MANIFEST)
         (partial / "identity.txt").unlink(missing_ok=True)
         (partial / ".lock").unlink(missing_ok=True)
-        os.replace(partial, final)
+        os.replace(partial, final)  # the store appears complete, or not at all
+    for shard in meta["shards"]:  # the manifest now holds every shard's record
+        (final / f"{shard['name']}.json").unlink(missing_ok=True)
     return TokenStore(final, meta)
 
 
