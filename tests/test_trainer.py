@@ -102,3 +102,44 @@ def test_fit_logs_evaluates_and_saves_on_schedule():
     assert [e for e in events if e[0] == "log"] == [("log", 1), ("log", 3), ("log", 6)]
     # a save at a step that also evaluates comes first
     assert events.index(("save", 6, True)) > events.index(("eval", 6))
+
+
+def test_nan_guard_names_the_first_bad_step_and_never_saves_after_it():
+    from llmctl.trainer import NonFiniteLoss
+
+    saves = []
+
+    class Saver:
+        def on_fit_start(self, t): ...
+        def on_log(self, t, r): ...
+        def on_eval(self, t, r): ...
+        def on_save(self, t, final): saves.append(t.step)
+        def on_fit_end(self, t, s): ...
+
+    # A sane first step, then an absurd learning rate: weights overflow and the loss goes NaN.
+    # The guard is read only at log steps (every 100) and before saves (every 5).
+    trainer = make(micro=8, max_steps=50, save_every=5, eval_every=1000, warmup_steps=0, lr=1e30)
+    trainer.callbacks, trainer.log_every = [Saver()], 100
+    with pytest.raises(NonFiniteLoss) as info:
+        trainer.fit()
+    assert info.value.step == 2  # step 1 used the initial weights; step 2 the overflowed ones
+    assert saves == []  # the save at step 5 found the flag and refused
+    message = info.value.describe(None, None, "pretrain")
+    assert "training diverged at step 2" in message and "no checkpoint had been saved yet" in message
+
+
+def test_nan_guard_reads_the_device_only_at_log_and_save_steps():
+    """The per-step check is device-side: no host read unless something is logged or saved."""
+    trainer = make(micro=8, max_steps=3)
+    reads = []
+    real = trainer.check_finite
+
+    def counting():
+        reads.append(trainer.step)
+        real()
+
+    trainer.check_finite = counting
+    trainer.log_every, trainer.cfg.save_every = 1000, 1000
+    trainer.fit()
+    # step 1 is logged (first step), step 3 is the last (logged, final save): never step 2
+    assert 2 not in reads and {1, 3} <= set(reads)
