@@ -89,6 +89,11 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         raise LlmctlError(f"checkpoint not found: {path}")
     if path.stat().st_size == 0:
         raise LlmctlError(f"{path} is empty (0 bytes), not a checkpoint")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch's zip format, or a (legacy) pickle
+        raise LlmctlError(f"{path} is not a readable checkpoint: not a PyTorch file (text, or another "
+                          f"format?); pass an llmctl .pt file")
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols on foreign files
             warnings.simplefilter("ignore")
