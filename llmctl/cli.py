@@ -315,7 +315,13 @@ def data_prepare(preset: PresetOption = "local", overrides: SetOption = None, as
 
 
 @data_app.command("info")
-def data_info(preset: PresetOption = "local", overrides: SetOption = None, as_json: JsonOption = False) -> None:
+def data_info(
+    preset: PresetOption = "local",
+    overrides: SetOption = None,
+    as_json: JsonOption = False,
+    verify: Annotated[bool, typer.Option(
+        "--verify", help="Re-hash every shard against the manifest's sha256; exit 1 if one differs.")] = False,
+) -> None:
     """Show the token store of a config: documents, tokens and bytes per source and split, cache path.
 
     Example: llmctl data info --preset tiny --set 'data.datasets=["text:book.txt"]' --json
@@ -325,7 +331,10 @@ def data_info(preset: PresetOption = "local", overrides: SetOption = None, as_js
         from llmctl.data.report import describe
 
         cfg = load_config(preset, overrides)
-        _show_data(describe(cfg.data), as_json)
+        info = describe(cfg.data, verify=verify)
+        _show_data(info, as_json)
+        if info.get("corrupt_shards"):
+            raise typer.Exit(1)
 
 
 def main() -> None:

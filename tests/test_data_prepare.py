@@ -178,6 +178,11 @@ def test_second_prepare_reuses_and_a_tampered_fingerprint_is_refused(tmp_path, g
     stamp = (store.path / "manifest.json").stat().st_mtime_ns
     assert prepare_store(cfg, gpt2).path == store.path
     assert (store.path / "manifest.json").stat().st_mtime_ns == stamp
+    shard = store.path / f"{store.meta['shards'][0]['name']}.bin"
+    data = bytearray(shard.read_bytes())
+    data[10] ^= 1
+    shard.write_bytes(bytes(data))
+    assert verify_store(store) == [shard.stem]  # the manifest's checksums catch a flipped bit
     meta = json.loads((store.path / "manifest.json").read_text())
     meta["tokenizer_fingerprint"] = "0123456789abcdef"
     (store.path / "manifest.json").write_text(json.dumps(meta))

@@ -21,7 +21,8 @@ from llmctl.config import DataConfig
 from llmctl.data.bpe import cached_trained_tokenizer, parse_train_spec
 from llmctl.data.shards import completed_shards
 from llmctl.data.sources import check_sources
-from llmctl.data.store import SPLITS, SourceProgress, open_store, partial_path, prepare_store, store_path
+from llmctl.data.store import (SPLITS, SourceProgress, open_store, partial_path, prepare_store, store_path,
+                               verify_store)
 from llmctl.data.tokenizer import TextTokenizer, load_tokenizer, resolve_tokenizer
 
 
@@ -77,8 +78,9 @@ def _tokenizer_if_ready(cfg: DataConfig) -> TextTokenizer | None:
     return cached_trained_tokenizer(cfg, vocab)
 
 
-def describe(cfg: DataConfig, tokenizer: TextTokenizer | None = None) -> dict[str, Any]:
-    """The store for this config as one plain dict (what `data info --json` prints)."""
+def describe(cfg: DataConfig, tokenizer: TextTokenizer | None = None, verify: bool = False) -> dict[str, Any]:
+    """The store for this config as one plain dict (what `data info --json` prints); `verify`
+    re-hashes every shard against the manifest's sha256 (`corrupt_shards`)."""
     specs = check_sources(cfg.datasets)
     tokenizer = tokenizer or _tokenizer_if_ready(cfg)
     info: dict[str, Any] = {"prepared": False, "path": None, "tokenizer": cfg.tokenizer,
@@ -106,6 +108,8 @@ def describe(cfg: DataConfig, tokenizer: TextTokenizer | None = None) -> dict[st
             info["sources"].append({"spec": source["spec"], "split": split, **c,
                                     "bytes_per_token": round(c["bytes"] / c["tokens"], 3) if c["tokens"] else None})
     info["totals"] = {split: {k: meta[k][split] for k in ("documents", "tokens", "bytes")} for split in SPLITS}
+    if verify:
+        info["corrupt_shards"] = verify_store(store)
     return info
 
 
@@ -156,6 +160,10 @@ def render(info: dict[str, Any], console: Console) -> None:
         table.add_row("[b]all[/b]", split, _number(c["documents"]), _number(c["tokens"]), _number(c["bytes"]),
                       _number(round(c["bytes"] / c["tokens"], 3) if c["tokens"] else None, 2))
     console.print(table)
+    if "corrupt_shards" in info:
+        bad = info["corrupt_shards"]
+        console.print(f"checksums: {'all ' + str(info['shards']) + ' shards intact' if not bad else 'CORRUPT: ' + ', '.join(bad)}",
+                      markup=False, highlight=False)
 
 
 def wide_console(stderr: bool = False) -> Console:
