@@ -158,6 +158,19 @@ def test_one_document_still_gets_a_validation_split(tmp_path, gpt2, shakespeare)
     assert store.meta["sources"][0]["train"]["documents"] == 1
 
 
+def test_shards_are_uint32_when_the_vocabulary_needs_it(tmp_path, gpt2):
+    from llmctl.data.shards import read_index, write_shard
+    from llmctl.data.store import token_dtype
+
+    assert (token_dtype(65536), token_dtype(65537)) == ("uint16", "uint32")
+    docs = ["Hello world", "ça va?", "x" * 3000]
+    record = write_shard(gpt2.backend, gpt2.eos_id, "uint32", docs, tmp_path, "s")
+    direct = [t for ids in gpt2.encode_batch(docs) for t in ids + [gpt2.eos_id]]
+    assert np.fromfile(tmp_path / "s.bin", dtype=np.uint32).tolist() == direct
+    assert record["tokens"] == len(direct) and record["bytes"] == sum(len(d.encode()) for d in docs)
+    assert read_index(tmp_path, "s")[:, 1].tolist() == [11, 11 + 7, 11 + 7 + 3000]
+
+
 def test_token_view_reads_like_one_array(tmp_path):
     rng = np.random.default_rng(0)
     parts = [rng.integers(0, 60000, size=n, dtype=np.uint16) for n in (7, 1, 30, 12)]
