@@ -325,12 +325,14 @@ def best_checkpoint_step(history: list[dict[str, Any]], steps: set[int]) -> int 
     return min(scored)[1] if scored else None
 
 
-def prune_step_checkpoints(run_dir: Path, stage: str, keep_last: int, protect: set[int] = frozenset()) -> None:
+def prune_step_checkpoints(run_dir: Path, stage: str, keep_last: int, protect: set[int] = frozenset(),
+                           ignore: set[int] = frozenset()) -> None:
     """Keep the `keep_last` newest step checkpoints of a stage, plus those at `protect` steps;
-    final checkpoints are never touched."""
+    steps in `ignore` neither count nor get deleted; final checkpoints are never touched."""
     if keep_last <= 0:
         return
-    for step, old in step_checkpoints(run_dir, stage)[:-keep_last]:
+    counted = [(step, path) for step, path in step_checkpoints(run_dir, stage) if step not in ignore]
+    for step, old in counted[:-keep_last]:
         if step not in protect:
             with contextlib.suppress(OSError):
                 old.unlink()
@@ -351,7 +353,11 @@ def _fsync_dir(directory: Path) -> None:
 
 class CheckpointCallback(Callback):
     """Writes `<run>-<stage>_step{N}.pt` and `<run>-<stage>_final.pt`, each self-contained,
-    and applies retention: the `keep_last` newest step checkpoints and the best-validation one."""
+    and applies retention: the `keep_last` newest step checkpoints and the best-validation one.
+
+    A checkpoint written only to guard an evaluation (the trainer saves before every eval) is
+    deleted once that eval has scored it, unless it is the best so far: so the best
+    validation weights are always on disk even when evals and saves do not line up."""
 
     def __init__(self, run_dir: Path, cfg: Config, stage: str, tokenizer: TextTokenizer,
                  data_meta: dict[str, Any], keep_last: int):
@@ -362,6 +368,7 @@ class CheckpointCallback(Callback):
         self.data_meta = data_meta
         self.keep_last = keep_last
         self.last_path: Path | None = None  # the newest good checkpoint (set to the resumed one on resume)
+        self._guards: set[int] = set()  # steps saved only to guard an evaluation
 
     def on_fit_start(self, trainer: Trainer) -> None:
         remove_partial_files(self.run_dir)
@@ -376,7 +383,9 @@ class CheckpointCallback(Callback):
             **trainer.state_dict(),
         })
         self.last_path = path
-        self.prune(trainer)
+        if getattr(trainer, "save_reason", "schedule") == "eval":
+            self._guards.add(trainer.step)
+        self.prune(trainer, final)
 
     def on_eval(self, trainer: Trainer, record: dict[str, Any]) -> None:
         self.prune(trainer)  # this evaluation may have made another checkpoint the best
@@ -384,7 +393,17 @@ class CheckpointCallback(Callback):
     def best_step(self, trainer: Trainer) -> int | None:
         return best_checkpoint_step(trainer.history, {s for s, _ in step_checkpoints(self.run_dir, self.stage)})
 
-    def prune(self, trainer: Trainer) -> None:
+    def prune(self, trainer: Trainer, final: bool = False) -> None:
+        """Drop eval-guard checkpoints once scored (unless best, or made redundant by the final
+        one), then apply keep_last, never touching the best one or a guard awaiting its eval."""
+        best = self.best_step(trainer)
+        scored = {h["step"] for h in trainer.history}
+        for step in sorted(self._guards):
+            if (final and step == trainer.step) or (step in scored and step != best):
+                with contextlib.suppress(OSError):
+                    checkpoint_path(self.run_dir, self.cfg.run.name, self.stage, step).unlink()
+                self._guards.discard(step)
         if self.keep_last > 0:
             best = self.best_step(trainer)
-            prune_step_checkpoints(self.run_dir, self.stage, self.keep_last, {best} if best is not None else set())
+            prune_step_checkpoints(self.run_dir, self.stage, self.keep_last, {best} if best is not None else set(),
+                                   ignore=self._guards)

@@ -14,6 +14,8 @@ Stopping safely, for every stage alike:
   thus the LR position, tokens seen, the batch source's position, every RNG, the evaluation
   history); `load_state_dict()` then `fit()` continues bit-identically on CPU in fp32. An
   evaluation that was due at the resumed step but had not finished is run first.
+- Saves: every save_every steps, before every evaluation (an eval that runs out of memory
+  must not cost the steps since the last save), on a stop signal, and at the end.
 - NaN/Inf guard without a sync per step: each step folds "is the loss and gradient norm
   finite" into a device-side scalar holding the first bad step (a few tiny kernels, no host
   read). The host reads it where it syncs anyway — at log steps — and before every save and
@@ -180,6 +182,7 @@ class Trainer:
         self._bad_values = torch.zeros(2, device=device)
         self._checked_good = 0  # steps up to here are known finite
         self._saved_step = -1  # the step of the newest checkpoint written by this fit
+        self.save_reason = "schedule"  # why the save in progress happens (see save())
         self.stop: StopSignals | None = None
 
     # ------------------------------------------------------------------ one step
@@ -294,6 +297,10 @@ class Trainer:
 
     def _eval_or_stop(self) -> None:
         self.check_finite()  # an eval of NaN weights says nothing; stop before it
+        if self._saved_step != self.step:
+            # An evaluation can run out of memory or be killed; it must not cost the steps since
+            # the last save. Checkpoint callbacks may drop this one once the eval has scored it.
+            self.save(final=False, reason="eval")
         if self.stop is None:
             self.run_eval()
             return
@@ -307,7 +314,7 @@ class Trainer:
         if self.stop is not None and self.stop.requested:
             self.check_finite()
             if self._saved_step != self.step:
-                self.save(final=False)
+                self.save(final=False, reason="stop")
             raise TrainingInterrupted(self.stop.signum, self.step)
 
     # ------------------------------------------------------------------ NaN guard and saving
@@ -331,9 +338,13 @@ class Trainer:
             raise NonFiniteLoss(bad, loss, norm)
         self._checked_good = self.step
 
-    def save(self, final: bool) -> None:
-        """Ask the callbacks to save the current state, after checking that it is finite."""
+    def save(self, final: bool, reason: str = "schedule") -> None:
+        """Ask the callbacks to save the current state, after checking that it is finite.
+
+        `save_reason` tells them why: "schedule" (save_every), "eval" (guarding an evaluation),
+        "stop" (a signal) or "final"."""
         self.check_finite()
+        self.save_reason = "final" if final else reason
         for cb in self.callbacks:
             cb.on_save(self, final=final)
         self._saved_step = self.step

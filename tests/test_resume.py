@@ -127,6 +127,13 @@ def test_resume_skips_an_unreadable_newest_checkpoint(work, straight, shakespear
     assert result.exit_code == 0, result.output
     assert "skipped r-pretrain_final.pt" in result.stderr and "resumed from r-pretrain_step4.pt at step 4" in result.stderr
     states_equal(load_checkpoint(straight / "ref-pretrain_final.pt"), load_checkpoint(final))
+    # metrics.jsonl forgets what the first attempt logged after step 4 (steps 5-6, the eval at 6),
+    # re-runs the eval at step 4 that its checkpoint had not seen, and logs each step once
+    lines = [json.loads(line) for line in (final.parent / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in lines if r["type"] == "train"]
+    assert steps == sorted(set(steps)) and steps == list(range(1, 13))
+    assert [r["step"] for r in lines if r["type"] == "eval"] == [4, 8, 12]
+    assert metrics(final.parent) == metrics(straight)
 
 
 def snapshot(root: Path) -> dict[str, bytes]:

@@ -97,11 +97,14 @@ def test_fit_logs_evaluates_and_saves_on_schedule():
     trainer.callbacks = [Recorder()]
     trainer.log_every = 3
     trainer.fit()
-    assert [e for e in events if e[0] == "save"] == [("save", 2, False), ("save", 4, False), ("save", 6, True)]
+    # every save_every steps, plus before each evaluation (3, and 6 before the final save)
+    assert [e for e in events if e[0] == "save"] == [
+        ("save", 2, False), ("save", 3, False), ("save", 4, False), ("save", 6, False), ("save", 6, True)]
     assert [e for e in events if e[0] == "eval"] == [("eval", 3), ("eval", 6)]
     assert [e for e in events if e[0] == "log"] == [("log", 1), ("log", 3), ("log", 6)]
-    # a save at a step that also evaluates comes first
-    assert events.index(("save", 6, True)) > events.index(("eval", 6))
+    # the state is on disk before each eval runs; the final checkpoint includes the last eval
+    assert events.index(("save", 3, False)) < events.index(("eval", 3))
+    assert events.index(("save", 6, False)) < events.index(("eval", 6)) < events.index(("save", 6, True))
 
 
 def test_nan_guard_names_the_first_bad_step_and_never_saves_after_it():
@@ -143,3 +146,33 @@ def test_nan_guard_reads_the_device_only_at_log_and_save_steps():
     trainer.fit()
     # step 1 is logged (first step), step 3 is the last (logged, final save): never step 2
     assert 2 not in reads and {1, 3} <= set(reads)
+
+
+def test_a_checkpoint_guards_every_eval_and_the_best_one_survives_retention(tmp_path, gpt2_dir):
+    """Evals every 3 steps, saves every 4, keep_last=1: each eval finds its step on disk; the
+    guard checkpoints go once scored, except the best-validation one."""
+    from llmctl.checkpoint import CheckpointCallback
+    from llmctl.config import Config
+    from llmctl.data.tokenizer import load_tokenizer
+
+    cfg = Config()
+    cfg.run.name = "g"
+    on_disk_at_eval = []
+
+    class Probe:
+        def on_fit_start(self, t): ...
+        def on_log(self, t, r): ...
+        def on_save(self, t, final): ...
+        def on_fit_end(self, t, s): ...
+        def on_eval(self, t, r): on_disk_at_eval.append((tmp_path / f"g-pretrain_step{t.step}.pt").is_file())
+
+    trainer = make(micro=8, max_steps=10, eval_every=3, save_every=4)
+    val = {3: 2.0, 6: 1.0, 9: 1.5, 10: 1.8}  # the best is at step 6, which no schedule saves
+    trainer.evaluate_fn = lambda: {"loss": val[trainer.step], "perplexity": 1.0, "tokens": 1, "seconds": 0.0}
+    trainer.callbacks = [Probe(), CheckpointCallback(tmp_path, cfg, "pretrain", load_tokenizer(str(gpt2_dir)),
+                                                     {"sources": [], "tokens": {"train": 1}}, keep_last=1)]
+    trainer.fit()
+    assert on_disk_at_eval == [True, True, True, True]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "g-pretrain_final.pt", "g-pretrain_step6.pt", "g-pretrain_step8.pt"]
+    assert [h["step"] for h in trainer.history if h["best"]] == [3, 6]
