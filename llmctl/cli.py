@@ -258,8 +258,12 @@ def generate(
         tty = out.isatty()
 
         def write(text: str) -> None:
-            out.write(text)
-            out.flush()
+            try:
+                out.write(text)
+                out.flush()
+            except BrokenPipeError:  # the reader left (`| head`): stop quietly, as a SIGPIPE'd tool does
+                os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
+                raise typer.Exit(141) from None
 
         def sample_end(i: int, result: object) -> None:
             text = getattr(result, "text")
@@ -277,9 +281,11 @@ def generate(
         seconds = sum(r.seconds for r in results)
         finished = ", ".join(sorted({r.finish_reason for r in results}))
         samples = f"{len(results)} samples, " if len(results) > 1 else ""
+        first = results[0]
+        cut = f" (the last {first.prompt_used} fit the context)" if first.prompt_used < first.prompt_tokens else ""
         sys.stderr.write(f"generate: {samples}{tokens} tokens in {seconds:.2f}s ({tokens / max(seconds, 1e-9):,.1f} "
-                         f"tokens/s), prompt {results[0].prompt_tokens} tokens, finished: {finished}, "
-                         f"seed {results[0].seed}\n")
+                         f"tokens/s), prompt {first.prompt_tokens} tokens{cut}, finished: {finished}, "
+                         f"seed {first.seed}\n")
 
 
 data_app = typer.Typer(

@@ -7,9 +7,10 @@ Three layers, each usable alone:
   probability reaches P), then one draw from an explicit CPU `torch.Generator`, so a seed
   gives the same sample on any device.
 - `token_stream(model, prompt_ids, ...)`: yields new token ids. With llmctl's Transformer
-  the prompt is run once into a `KVCache` and then each step feeds one token (past the
-  context length the cache slides, see `llmctl.model.KVCache`); other models (transformers)
-  and `use_cache=False` re-run the last max_seq_len tokens every step.
+  the prompt (its last max_seq_len tokens) is run once into a `KVCache` and then each step
+  feeds one token (past the context length the cache slides, see `llmctl.model.KVCache`);
+  other models (transformers) and `use_cache=False` re-run the last max_seq_len tokens
+  every step.
 - `complete(...)`: strings in and out. Text is decoded incrementally — a delta is released
   only when it does not end in a partial UTF-8 character — and text that could be the start
   of a stop string is held back until it is known not to be one, so what `on_text` receives
@@ -32,6 +33,9 @@ from llmctl.errors import ConfigError
 if TYPE_CHECKING:
     from llmctl.data.tokenizer import TextTokenizer
     from llmctl.loading import LoadedModel
+
+
+NUCLEUS_FIRST = 256  # tokens ranked before falling back to a full sort for top-p
 
 
 @dataclass(frozen=True)
@@ -81,12 +85,20 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
         kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
+        log_total = logits.logsumexp(dim=-1, keepdim=True)  # (B, 1)
+        # A trained model's nucleus is usually a few dozen tokens: rank the top 256 first; if
+        # they hold top_p of the mass, nothing outside them can be in the nucleus and the
+        # 50k-token sort (20x slower) is skipped. Flat distributions fall back to the sort.
+        top, order = logits.topk(min(logits.size(-1), NUCLEUS_FIRST), dim=-1)  # (B, k), descending
+        probs = (top - log_total).exp()
+        cumulative = probs.cumsum(dim=-1)
+        if top.size(-1) < logits.size(-1) and not bool((cumulative[:, -1] >= top_p).all()):
+            top, order = logits.sort(dim=-1, descending=True)
+            probs = (top - log_total).exp()
+            cumulative = probs.cumsum(dim=-1)
         # Drop a token when the tokens before it already reach top_p; the first always stays.
-        drop = (probs.cumsum(dim=-1) - probs) >= top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+        top = top.masked_fill(cumulative - probs >= top_p, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, top)
     return logits
 
 
@@ -109,7 +121,8 @@ def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Genera
 def token_stream(model: torch.nn.Module, prompt_ids: list[int], sampling: Sampling,
                  generator: torch.Generator, *, context_length: int, eos_id: int | None = None,
                  dtype: torch.dtype = torch.float32, use_cache: bool = True) -> Iterator[int]:
-    """Yield up to max_new_tokens new ids after the prompt; stops early at EOS (not yielded)."""
+    """Yield up to max_new_tokens new ids after the prompt; stops early at EOS (not yielded).
+    A prompt longer than the context is cut to its last `context_length` tokens."""
     from llmctl.model import KVCache, Transformer
     from llmctl.runtime import autocast
 
@@ -126,11 +139,9 @@ def token_stream(model: torch.nn.Module, prompt_ids: list[int], sampling: Sampli
                 model(x, last_only=True)[:, -1]  # (1, V)
 
     if cache is not None:
-        done = 0
-        while done < ids.size(1):  # the prompt in as few steps as the cache takes (one, if it fits)
-            n = min(cache.room(), ids.size(1) - done)
-            logits = forward(ids[:, done: done + n])
-            done += n
+        # One prefill of the prompt's last context_length tokens: all that the first new token
+        # can see, as without the cache (earlier prompt tokens still count for the penalty).
+        logits = forward(ids[:, -context_length:])
     for step in range(sampling.max_new_tokens):
         if cache is None:
             logits = forward(history[:, -context_length:])
@@ -228,6 +239,7 @@ class Completion:
     finish_reason: str  # "eos", "stop" or "length"
     seed: int
     token_ids: list[int] = field(default_factory=list)
+    prompt_used: int = 0  # prompt tokens the model saw: the last context_length of them
 
     @property
     def tokens_per_second(self) -> float:
@@ -292,7 +304,8 @@ def complete(checkpoint_or_model: Any, prompt: str, *, on_text: Callable[[str], 
             finish = "stop"
         emit(stops.finish())
     seconds = time.perf_counter() - start
-    return Completion("".join(parts), len(new_ids), len(prompt_ids), seconds, finish, seed, new_ids)
+    return Completion("".join(parts), len(new_ids), len(prompt_ids), seconds, finish, seed, new_ids,
+                      min(len(prompt_ids), loaded.context_length))
 
 
 def generate_text(checkpoint_or_model: Any, prompt: str, **sampling: Any) -> str:
