@@ -130,6 +130,7 @@ def _load_transformers(source: str, name: str, device: torch.device, dtype: torc
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # "Loading weights" bars would clutter stderr
     try:
         hf = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
     except (OSError, ValueError) as e:

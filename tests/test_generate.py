@@ -319,10 +319,12 @@ def test_cli_generate_greedy_is_deterministic_seeds_reproduce_and_stop_strings_c
     (["--top-p", "0"], "top_p"),
     (["--temperature", "-1"], "temperature"),
     (["--prompt", ""], "prompt is empty"),
+    (["-c", "no/such/run.pt"], "checkpoint not found"),
 ])
 def test_cli_generate_bad_options_are_one_line(random_checkpoint, tmp_path, cli_env, args, message):
-    base = ["generate", "-c", str(random_checkpoint)] + ([] if "--prompt" in args else ["--prompt", "Hi"])
+    base = ["generate"] + ([] if "-c" in args else ["-c", str(random_checkpoint)])
+    base += [] if "--prompt" in args else ["--prompt", "Hi"]
     result = llmctl_cli(*base, *args, cwd=tmp_path, env=cli_env)
-    assert result.returncode == 2 and result.stdout == ""
+    assert result.returncode == (1 if "-c" in args else 2) and result.stdout == ""
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
