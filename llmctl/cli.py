@@ -94,7 +94,7 @@ def pretrain(
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="Print the resolved config and derived numbers, then exit.")] = False,
     overwrite: Annotated[bool, typer.Option(
-        "--overwrite", help="Delete the run directory's checkpoints and start again there.")] = False,
+        "--overwrite", help="Delete the run directory (checkpoints and logs) and start again there.")] = False,
     resume: Annotated[bool, typer.Option(
         "--resume", help="Continue the run from its newest checkpoint; pass the same preset and --set "
                          "values (max_steps, eval/save cadence, lr, grad_clip, device and dtype may change).")] = False,
