@@ -4,6 +4,7 @@ code, and `llmctl eval --json` on a tiny trained run recomputed outside llmctl."
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -34,15 +35,15 @@ def tiny_model(vocab: int = 101, seq_len: int = 16, seed: int = 0) -> Transforme
 
 @torch.no_grad()
 def direct_loss_sum(model, ids: list[int], L: int, S: int | None = None) -> tuple[float, int]:
-    """The transformers perplexity guide's loop, one window at a time, in float64: windows of
-    L inputs start every S tokens and score only the targets no earlier window scored."""
+    """The transformers perplexity guide's loop, one window at a time: windows of L inputs
+    start every S tokens and score only the targets no earlier window scored."""
     S = S or L
     total, n, done = 0.0, 0, 0  # targets 1..done are scored
     for s in range(0, len(ids) - 1, S):
         window = torch.tensor(ids[s: s + L + 1])
         end = s + len(window) - 1  # index of its last target
-        per_token = F.cross_entropy(model(window[None, :-1])[0].double(), window[1:], reduction="none")
-        total += per_token[-(end - done):].sum().item()
+        per_token = F.cross_entropy(model(window[None, :-1])[0].float(), window[1:], reduction="none")
+        total += per_token[-(end - done):].double().sum().item()
         n += end - done
         done = end
         if end == len(ids) - 1:
@@ -218,11 +219,17 @@ def trained_run(tmp_path_factory, shakespeare, gpt2_dir):
     return work, env, work / "experiments" / "runs" / "E", held, docs
 
 
-def outside_llmctl(checkpoint, ids: list[int], stride: int | None = None) -> tuple[float, int]:
-    """Rebuild the model from the checkpoint's tensors and config and score ids directly."""
+@functools.cache
+def model_from_tensors(checkpoint) -> Transformer:
     payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
     model = Transformer(ModelConfig(**payload["config"]["model"])).eval()
     model.load_state_dict(payload["model"])
+    return model
+
+
+def outside_llmctl(checkpoint, ids: list[int], stride: int | None = None) -> tuple[float, int]:
+    """Rebuild the model from the checkpoint's tensors and config and score ids directly."""
+    model = model_from_tensors(checkpoint)
     return direct_loss_sum(model, ids, model.cfg.max_seq_len, stride)
 
 
