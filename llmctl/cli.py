@@ -237,7 +237,7 @@ def generate(
     repetition_penalty: Annotated[float, typer.Option(
         "--repetition-penalty", help="Above 1 discourages tokens already in the text; 1 = off.")] = 1.0,
     stop: Annotated[Optional[list[str]], typer.Option(
-        "--stop", help="Stop before this string (not printed); repeatable.")] = None,
+        "--stop", help="Stop before this string (not printed); \\n and \\t are understood; repeatable.")] = None,
     num_samples: Annotated[int, typer.Option(
         "--num-samples", "-n", help="Independent samples, printed one after another, separated by a '---' line.")] = 1,
     seed: Annotated[Optional[int], typer.Option(
@@ -252,7 +252,7 @@ def generate(
     Example: llmctl generate --checkpoint experiments/runs/demo --prompt "ROMEO:" --temperature 0 --stop "\\n\\n"
     """
     with user_errors():
-        from llmctl.generate import generate_samples, read_prompt
+        from llmctl.generate import generate_samples, read_prompt, unescape
 
         out = sys.stdout
         tty = out.isatty()
@@ -276,7 +276,7 @@ def generate(
             checkpoint, read_prompt(prompt, prompt_file), num_samples, on_text=write, on_sample_end=sample_end,
             device=device, dtype=dtype, use_cache=not no_cache, max_new_tokens=max_new_tokens,
             temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-            stop=tuple(stop or ()), seed=seed)
+            stop=tuple(unescape(s) for s in stop or ()), seed=seed)
         tokens = sum(r.tokens for r in results)
         seconds = sum(r.seconds for r in results)
         finished = ", ".join(sorted({r.finish_reason for r in results}))

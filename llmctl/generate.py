@@ -20,6 +20,7 @@ Three layers, each usable alone:
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
@@ -320,6 +321,11 @@ def generate_text(checkpoint_or_model: Any, prompt: str, **sampling: Any) -> str
         >>> llmctl.generate_text("experiments/runs/demo", "Once upon a time", temperature=0)
     """
     return complete(checkpoint_or_model, prompt, **sampling).text
+
+
+def unescape(text: str) -> str:
+    """`\\n`, `\\t` and `\\\\` typed on a command line (`--stop "\\n\\n"`) become the characters."""
+    return re.sub(r"\\(.)", lambda m: {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}.get(m[1], m[0]), text)
 
 
 def read_prompt(prompt: str | None, prompt_file: str | Path | None) -> str:

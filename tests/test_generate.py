@@ -14,7 +14,7 @@ from conftest import PYTHON
 from llmctl.config import ModelConfig, load_config
 from llmctl.errors import ConfigError
 from llmctl.generate import (IncrementalDecoder, Sampling, StopFilter, complete, filter_logits, generate_text,
-                             next_token, token_stream)
+                             next_token, token_stream, unescape)
 from llmctl.model import KVCache, Transformer, apply_rope, rope_at
 
 
@@ -231,6 +231,7 @@ def test_stop_filter_cuts_at_the_stop_string_and_never_releases_part_of_it():
     assert f.feed(" THE E") == " "
     assert f.feed("NDING") == ""
     assert f.stopped and f.text == "Hello\nthere "
+    assert unescape(r"\n\n") == "\n\n" and unescape(r"a\tb\\n") == "a\tb\\n" and unescape("é") == "é"
 
 
 @pytest.fixture(scope="module")
@@ -309,7 +310,7 @@ def test_cli_generate_greedy_is_deterministic_seeds_reproduce_and_stop_strings_c
     assert s1.stdout == s2.stdout != a.stdout and "seed 5" in s1.stderr
 
     text = a.stdout
-    stop = text[len(text) // 2: len(text) // 2 + 3]
+    stop = next(text[i: i + 3] for i in range(len(text) // 2, len(text)) if "\\" not in text[i: i + 3])
     cut = llmctl_cli(*greedy, "--stop", stop, cwd=tmp_path, env=cli_env)
     assert cut.returncode == 0 and cut.stdout == text[: text.find(stop)] and "finished: stop" in cut.stderr
 
