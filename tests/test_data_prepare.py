@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import PYTHON
+from conftest import PYTHON, shared_file
 from llmctl.config import DataConfig
 from llmctl.data.batches import RandomWindows, training_windows
 from llmctl.data.sources import check_sources, iter_documents, parse_spec
@@ -121,6 +121,28 @@ def test_bad_records_fail_with_one_line(tmp_path):
         check_sources([f"parquet:{tmp_path}/*.parq"])
     with pytest.raises(ConfigError, match="is a folder"):
         check_sources([f"text:{tmp_path}"])
+
+
+# --------------------------------------------------------------------------- fast encoding
+
+def test_fast_encoder_gives_the_tokenizers_ids(gpt2, corpus, shakespeare):
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+    from llmctl.data.fastbpe import FastEncoder, plan
+
+    planned = plan(gpt2.to_json(), gpt2.backend)
+    assert planned is not None
+    fast = FastEncoder(gpt2.backend, planned)
+    docs = corpus["paragraphs"] + shakespeare.read_text()[:30_000].split("\n\n") + [shared_file("tinystories/tinystories_sample.txt").read_text()]
+    docs += ["naïve café — “quoted” 🎉  spaces\t\ttabs\r\n", "<|endoftext|><|endoftext|>x<|endoftext|>", " ",
+             "mixed 日本語 text takes the tokenizer's own path", "\u0558 an unvetted letter"]
+    assert fast.encode_batch(docs) == [e.ids for e in gpt2.backend.encode_batch(docs, add_special_tokens=False)]
+    assert fast.encode("日本語") is None  # outside the vetted characters: not guessed
+    assert fast.encode_batch(docs) == fast.encode_batch(docs)  # the warm cache changes nothing
+    lowercasing = Tokenizer(models.BPE())
+    lowercasing.normalizer = normalizers.Lowercase()
+    lowercasing.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    assert plan(lowercasing.to_str(), lowercasing) is None  # a normalizer: the tokenizer's own path
 
 
 # --------------------------------------------------------------------------- the store

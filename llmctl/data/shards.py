@@ -6,8 +6,9 @@ one shard. Chunk boundaries depend only on the text, so a shard's content does n
 on the number of workers, their timing, or interruptions: a resumed preparation ends with
 the same shards as an uninterrupted one.
 
-A worker encodes its chunk with the fast (Rust) tokenizer `ENCODE_BATCH` documents at a
-time and streams the ids into the shard file, so it holds one batch of ids, never a whole
+A worker encodes its chunk `ENCODE_BATCH` documents at a time, with the fast (Rust)
+tokenizer or, for GPT-2-style byte-level BPEs, the exact and faster piece cache of
+`llmctl.data.fastbpe`, and streams the ids into the shard file, so it holds one batch of ids, never a whole
 corpus; the main process only reads documents and hands out chunks (at most two per
 worker in flight). Memory is flat in corpus size.
 
@@ -40,6 +41,8 @@ from typing import Any
 
 import numpy as np
 
+from llmctl.data.fastbpe import FastEncoder
+from llmctl.data.fastbpe import plan as plan_fast_encoder
 from llmctl.data.tokenizer import TextTokenizer
 from llmctl.errors import ConfigError
 
@@ -110,8 +113,10 @@ def replace_durably(data_writer: Callable[[Any], None], target: Path) -> None:
         raise
 
 
-def write_shard(backend: Any, eos_id: int, dtype: str, docs: list[str], folder: Path, name: str) -> dict[str, Any]:
-    """Encode `docs` into folder/NAME.{bin,idx,json}; returns the NAME.json record."""
+def write_shard(backend: Any, eos_id: int, dtype: str, docs: list[str], folder: Path, name: str,
+                fast: FastEncoder | None = None) -> dict[str, Any]:
+    """Encode `docs` into folder/NAME.{bin,idx,json}; returns the NAME.json record. `fast`, when
+    given, encodes with the same ids as `backend` (see llmctl.data.fastbpe), only faster."""
     hasher = hashlib.sha256()
     ends: list[np.ndarray] = []  # per batch, (n, 2) cumulative token and byte ends
     n_tokens = n_bytes = 0
@@ -119,7 +124,10 @@ def write_shard(backend: Any, eos_id: int, dtype: str, docs: list[str], folder: 
     def write_bin(f: Any) -> None:
         nonlocal n_tokens, n_bytes
         for batch in _batches(docs):
-            ids = [e.ids for e in backend.encode_batch_fast(batch, add_special_tokens=False)]
+            if fast is not None:
+                ids = fast.encode_batch(batch)
+            else:
+                ids = [e.ids for e in backend.encode_batch_fast(batch, add_special_tokens=False)]
             for doc_ids in ids:
                 doc_ids.append(eos_id)  # documents are packed, separated by EOS, never padded
             lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
@@ -176,18 +184,31 @@ def _exit_with_parent(parent: int) -> None:
             os._exit(1)
 
 
-def _init_worker(tokenizer_json: str, eos_id: int, dtype: str) -> None:
+def _init_worker(tokenizer_json: str, eos_id: int, dtype: str, fast_plan: dict[str, Any] | None) -> None:
     # Ctrl-C reaches the whole process group; the parent alone decides what to do with it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core instead
     from tokenizers import Tokenizer
 
-    _WORKER.update(backend=Tokenizer.from_str(tokenizer_json), eos_id=eos_id, dtype=dtype)
+    backend = Tokenizer.from_str(tokenizer_json)
+    fast = FastEncoder(backend, fast_plan) if fast_plan else None
+    _WORKER.update(backend=backend, eos_id=eos_id, dtype=dtype, fast=fast)
 
 
 def _write_in_worker(docs: list[str], folder: str, name: str) -> dict[str, Any]:
-    return write_shard(_WORKER["backend"], _WORKER["eos_id"], _WORKER["dtype"], docs, Path(folder), name)
+    return write_shard(_WORKER["backend"], _WORKER["eos_id"], _WORKER["dtype"], docs, Path(folder), name,
+                       _WORKER["fast"])
+
+
+_PLANS: dict[str, dict[str, Any] | None] = {}
+
+
+def fast_plan(tokenizer: TextTokenizer) -> dict[str, Any] | None:
+    """The vetted fast-encoder plan for this tokenizer (computed once per process), or None."""
+    if tokenizer.fingerprint not in _PLANS:
+        _PLANS[tokenizer.fingerprint] = plan_fast_encoder(tokenizer.to_json(), tokenizer.backend)
+    return _PLANS[tokenizer.fingerprint]
 
 
 class ShardWriter:
@@ -204,11 +225,13 @@ class ShardWriter:
         self.pool: Any = None
         self.finished: queue.Queue = queue.Queue()
         self.in_flight = 0
+        self.plan = fast_plan(tokenizer)
+        self.fast = FastEncoder(tokenizer.backend, self.plan) if self.plan else None
 
     def submit(self, name: str, docs: list[str], full: bool) -> None:
         if self.pool is None and (not full or self.workers == 1):
             self.on_done(write_shard(self.tokenizer.backend, self.tokenizer.eos_id, self.dtype, docs,
-                                     self.folder, name))
+                                     self.folder, name, self.fast))
             return
         if self.pool is None:
             self._start()
@@ -224,7 +247,7 @@ class ShardWriter:
 
         self.pool = ProcessPoolExecutor(
             self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
-            initargs=(self.tokenizer.to_json(), self.tokenizer.eos_id, self.dtype))
+            initargs=(self.tokenizer.to_json(), self.tokenizer.eos_id, self.dtype, self.plan))
 
     def _collect_one(self) -> None:
         future = self.finished.get()
