@@ -266,3 +266,33 @@ def test_rng_state_round_trips_through_a_checkpoint(tmp_path):
     set_rng_state(load_checkpoint(tmp_path / "rng.pt")["rng"])
     again = (random.random(), np.random.rand(), torch.rand(3))
     assert draws[0] == again[0] and draws[1] == again[1] and torch.equal(draws[2], again[2])
+
+
+def test_a_signal_during_evaluation_stops_at_once_and_the_eval_reruns_on_resume(tmp_path, small_tok):
+    trainer = make_trainer(tmp_path, small_tok, [])
+    trainer.cfg.eval_every = 3
+    finished, calls, current = [], [], [trainer]
+
+    def long_eval():
+        calls.append(current[0].step)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # preempted while evaluating
+            for _ in range(10**8):  # seconds of work the signal must cut short
+                pass
+            finished.append(True)
+        return {"loss": 1.0, "perplexity": 2.7, "tokens": 1, "seconds": 0.0}
+
+    trainer.evaluate_fn = long_eval
+    with pytest.raises(TrainingInterrupted) as info:
+        trainer.fit()
+    assert info.value.exit_code == 143 and info.value.step == 3 and not finished
+    saved = load_checkpoint(tmp_path / "t-sft_step3.pt")  # saved before the eval began
+    assert saved["history"] == []
+
+    resumed = make_trainer(tmp_path, small_tok, [])
+    resumed.cfg.eval_every = 3
+    resumed.evaluate_fn = long_eval
+    resumed.load_state_dict(saved)
+    current[0] = resumed
+    resumed.fit()
+    assert calls == [3, 3, 6, 9, 10]  # the interrupted eval at step 3 runs first
