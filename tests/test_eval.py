@@ -26,6 +26,15 @@ from llmctl.model import Transformer
 CPU = torch.device("cpu")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine they thrash."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_model(vocab: int = 101, seq_len: int = 16, seed: int = 0) -> Transformer:
     torch.manual_seed(seed)
     cfg = ModelConfig(vocab_size=vocab, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=seq_len,
@@ -195,6 +204,7 @@ def test_a_transformers_model_is_scored_by_the_same_code(gpt2_dir, tmp_path):
 # --------------------------------------------------------------------------- the CLI, end to end
 
 def llmctl_cli(*args: str, cwd, env) -> subprocess.CompletedProcess:
+    env = dict(env, OMP_NUM_THREADS="1")  # steady on a busy 2-core machine; results do not depend on it
     return subprocess.run([PYTHON, "-m", "llmctl", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=600)
 

@@ -18,6 +18,15 @@ from llmctl.generate import (IncrementalDecoder, Sampling, StopFilter, complete,
 from llmctl.model import KVCache, Transformer, apply_rope, rope_at
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine they thrash."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_model(seed: int = 0, **overrides) -> Transformer:
     base = dict(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16,
                 init_std=0.3)  # large weights: varied outputs, not the echo of a 0.02 init
@@ -289,6 +298,7 @@ def test_generate_text_accepts_a_path_and_checks_its_inputs(random_checkpoint):
 # --------------------------------------------------------------------------- the CLI
 
 def llmctl_cli(*args: str, cwd, env) -> subprocess.CompletedProcess:
+    env = dict(env, OMP_NUM_THREADS="1")  # steady on a busy 2-core machine; results do not depend on it
     return subprocess.run([PYTHON, "-m", "llmctl", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=300)
 
