@@ -12,6 +12,10 @@ pack the same documents the same way (ids, then EOS), so their token counts must
   `.map(tokenize, batched=True)` with the transformers fast tokenizer (its Rust thread pool
   on), then `np.concatenate` of every row into one array.
 
+A caveat on the corpus: repetition keeps llmctl's piece cache (llmctl.data.fastbpe) warmer
+than fresh text would; on distinct text the cache alone is worth ~1.7x per core instead of
+~2.8x, and large real corpora (Zipfian words) sit in between.
+
 Each side runs in a fresh interpreter; the clock covers the work only (not imports), and
 peak RSS is sampled every 50 ms from /proc over the process and all its children (the
 workers), summed. The machine is shared and drifts, so the two sides run interleaved when
