@@ -35,7 +35,7 @@ from llmctl.config import ModelConfig
 from llmctl.evaluate import evaluate_tokens
 from llmctl.generate import Sampling, token_stream
 from llmctl.loading import TransformersLM
-from llmctl.model import Transformer
+from llmctl.model import Transformer, llama_state_dict
 from llmctl.runtime import autocast, resolve_device, resolve_dtype
 
 SHAPE = dict(vocab_size=50257, d_model=384, n_layers=6, n_heads=6, n_kv_heads=2, max_seq_len=1024,
@@ -50,22 +50,13 @@ def build_models(device: torch.device) -> tuple[Transformer, torch.nn.Module]:
     cfg = ModelConfig(**SHAPE)
     ours = Transformer(cfg).eval()
     config = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model,
-                         intermediate_size=ours.blocks[0].mlp.w1.out_features, num_hidden_layers=cfg.n_layers,
+                         intermediate_size=ours.blocks[0].mlp.hidden, num_hidden_layers=cfg.n_layers,
                          num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
                          max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
                          rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
                          tie_word_embeddings=True, attn_implementation="sdpa")
     hf = LlamaForCausalLM(config).eval()
-    names = {"tok_emb.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
-    for i in range(cfg.n_layers):
-        for ours_name, hf_name in [("attn.wq", "self_attn.q_proj"), ("attn.wk", "self_attn.k_proj"),
-                                   ("attn.wv", "self_attn.v_proj"), ("attn.wo", "self_attn.o_proj"),
-                                   ("mlp.w1", "mlp.gate_proj"), ("mlp.w3", "mlp.up_proj"),
-                                   ("mlp.w2", "mlp.down_proj"), ("attn_norm", "input_layernorm"),
-                                   ("mlp_norm", "post_attention_layernorm")]:
-            names[f"blocks.{i}.{ours_name}.weight"] = f"model.layers.{i}.{hf_name}.weight"
-    state = ours.state_dict()
-    hf.load_state_dict({hf_name: state[name] for name, hf_name in names.items()}, strict=False)
+    hf.load_state_dict(llama_state_dict(ours), strict=False)
     hf.tie_weights()
     return ours.to(device), hf.to(device)
 

@@ -2,8 +2,9 @@
 
 Reads top to bottom: RMSNorm -> rotary embeddings -> KV cache -> attention -> SwiGLU MLP ->
 block -> model. Shapes use B (batch), T (time), C (d_model), H (query heads), K (key/value heads),
-D (head size). The layout matches transformers' `LlamaForCausalLM` (rotate-half RoPE, no
-biases), so a checkpoint maps onto it one tensor at a time.
+D (head size). The maths matches transformers' `LlamaForCausalLM` (rotate-half RoPE, no
+biases); q/k/v and gate/up are stored fused for speed, and `llama_state_dict` splits them
+into Llama's tensors one for one.
 
 References: RoPE (Su et al., 2021), RMSNorm (Zhang & Sennrich, 2019), SwiGLU (Shazeer, 2020),
 GQA (Ainslie et al., 2023), attention sinks as a learned softmax logit (Xiao et al., 2023;
@@ -59,8 +60,11 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Te
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: (B, H, T, D); cos/sin: (T, D). Rotates each (i, i + D/2) pair by its position's angle."""
     half = x.size(-1) // 2
+    # The tables are fp32; multiplying bf16 activations by them would promote every product
+    # to fp32 and cast back (two extra passes over q and k under autocast).
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+    return x * cos + rotated * sin
 
 
 def rope_at(start: int, end: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,9 +139,9 @@ class Attention(nn.Module):
         self.n_heads = cfg.n_heads
         self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
         self.head_dim = cfg.d_model // cfg.n_heads
-        self.wq = nn.Linear(cfg.d_model, self.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=False)
+        # q, k and v come from one matmul (rows: H·D of q, then K·D of k, then K·D of v):
+        # one larger GEMM and one weight cast instead of three.
+        self.wqkv = nn.Linear(cfg.d_model, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=False)
         # One learned logit per head that competes in the softmax but attends to nothing:
         # heads can "park" attention there instead of on the first token.
@@ -146,9 +150,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        q, k, v = self.project_qkv(x)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         mask = None
         if cache is not None:  # generation: also attend to earlier tokens' keys and values
@@ -162,6 +164,14 @@ class Attention(nn.Module):
             y = self._attend_with_sinks(q, k, v, mask)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, C)
         return self.wo(y)
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, C) -> q (B, H, T, D), k and v (B, K, T, D), before RoPE."""
+        B, T, _ = x.shape
+        H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self.wqkv(x).split([H * D, K * D, K * D], dim=-1)
+        return (q.view(B, T, H, D).transpose(1, 2), k.view(B, T, K, D).transpose(1, 2),
+                v.view(B, T, K, D).transpose(1, 2))
 
     def _attend_with_sinks(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            mask: torch.Tensor | None) -> torch.Tensor:
@@ -183,12 +193,13 @@ class SwiGLU(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         hidden = ffn_hidden_size(cfg)
-        self.w1 = nn.Linear(cfg.d_model, hidden, bias=False)  # gate
-        self.w3 = nn.Linear(cfg.d_model, hidden, bias=False)  # up
+        self.hidden = hidden
+        self.w13 = nn.Linear(cfg.d_model, 2 * hidden, bias=False)  # gate rows, then up rows: one GEMM
         self.w2 = nn.Linear(hidden, cfg.d_model, bias=False)  # down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.w13(x).split(self.hidden, dim=-1)  # (B, T, hidden) each
+        return self.w2(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -275,3 +286,25 @@ class Transformer(nn.Module):
             return self.rope_cos[start:end], self.rope_sin[start:end]
         cos, sin = rope_at(start, end, self.rope_cos.size(1), self.cfg.rope_theta)
         return cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
+
+
+def llama_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """The model's weights under transformers `LlamaForCausalLM` names (fused q/k/v and
+    gate/up split back); `lm_head.weight` is the tied embedding, without vocabulary padding."""
+    cfg, V = model.cfg, model.vocab_size
+    out = {"model.embed_tokens.weight": model.tok_emb.weight[:V], "model.norm.weight": model.norm.weight,
+           "lm_head.weight": model.tok_emb.weight[:V]}
+    for i, block in enumerate(model.blocks):
+        a, prefix = block.attn, f"model.layers.{i}."
+        H, K, D = a.n_heads, a.n_kv_heads, a.head_dim
+        q, k, v = a.wqkv.weight.split([H * D, K * D, K * D], dim=0)
+        gate, up = block.mlp.w13.weight.split(block.mlp.hidden, dim=0)
+        out.update({
+            prefix + "self_attn.q_proj.weight": q, prefix + "self_attn.k_proj.weight": k,
+            prefix + "self_attn.v_proj.weight": v, prefix + "self_attn.o_proj.weight": a.wo.weight,
+            prefix + "mlp.gate_proj.weight": gate, prefix + "mlp.up_proj.weight": up,
+            prefix + "mlp.down_proj.weight": block.mlp.w2.weight,
+            prefix + "input_layernorm.weight": block.attn_norm.weight,
+            prefix + "post_attention_layernorm.weight": block.mlp_norm.weight,
+        })
+    return {name: t.detach().contiguous().clone() for name, t in out.items()}

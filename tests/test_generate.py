@@ -71,9 +71,10 @@ def banded_reference(model: Transformer, idx: torch.Tensor, window: int) -> torc
     for block in model.blocks:
         a = block.attn
         h = block.attn_norm(x)
-        q = apply_rope(a.wq(h).view(B, T, H, D).transpose(1, 2), cos, sin)
-        k = apply_rope(a.wk(h).view(B, T, K, D).transpose(1, 2), cos, sin).repeat_interleave(H // K, 1)
-        v = a.wv(h).view(B, T, K, D).transpose(1, 2).repeat_interleave(H // K, 1)
+        wq, wk, wv = a.wqkv.weight.split([H * D, K * D, K * D], dim=0)
+        q = apply_rope((h @ wq.T).view(B, T, H, D).transpose(1, 2), cos, sin)
+        k = apply_rope((h @ wk.T).view(B, T, K, D).transpose(1, 2), cos, sin).repeat_interleave(H // K, 1)
+        v = (h @ wv.T).view(B, T, K, D).transpose(1, 2).repeat_interleave(H // K, 1)
         scores = (q @ k.transpose(-2, -1) / math.sqrt(D)).masked_fill(~allowed, float("-inf"))
         if a.sinks is not None:
             scores = torch.cat([scores, a.sinks.view(1, H, 1, 1).expand(B, H, T, 1)], dim=-1)

@@ -96,3 +96,27 @@ def test_too_long_sequence_is_refused():
     model = Transformer(tiny_cfg())
     with pytest.raises(ValueError, match="exceeds max_seq_len"):
         model(torch.zeros(1, 17, dtype=torch.long))
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_llama_state_dict_gives_transformers_llama_the_same_logits(kv_heads):
+    """The fused q/k/v and gate/up tensors split back into LlamaForCausalLM's one for one."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llmctl.model import llama_state_dict
+
+    torch.manual_seed(0)
+    cfg = tiny_cfg(n_kv_heads=kv_heads)
+    ours = Transformer(cfg).eval()
+    for p in ours.parameters():  # norms away from 1 so a swapped tensor would show
+        torch.nn.init.normal_(p, std=0.1) if p.dim() == 1 else None
+    llama = LlamaForCausalLM(LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=ours.blocks[0].mlp.hidden,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=kv_heads,
+        max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta})).eval()
+    missing, unexpected = llama.load_state_dict(llama_state_dict(ours), strict=False)
+    assert unexpected == [] and missing == []
+    idx = torch.randint(0, cfg.vocab_size, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(llama(input_ids=idx).logits, ours(idx), atol=1e-5, rtol=1e-4)
