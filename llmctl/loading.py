@@ -14,6 +14,7 @@ Weights are loaded in float32; `dtype` picks the autocast precision used at run 
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,6 +134,11 @@ def _load_transformers(source: str, name: str, device: torch.device, dtype: torc
     hf_logging.disable_progress_bar()  # "Loading weights" bars would clutter stderr
     try:
         hf = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+    except pickle.UnpicklingError:
+        # transformers loads .bin weights with weights_only=True; its message then suggests
+        # weights_only=False, which is exactly what must not be done with an untrusted file.
+        raise LlmctlError(f"{source} was refused: its weights file holds pickled objects that are not "
+                          f"plain tensors; llmctl never unpickles code — use a safetensors copy") from None
     except (OSError, ValueError) as e:
         raise LlmctlError(f"cannot load {source} as a transformers causal LM: "
                           f"{str(e).strip().splitlines()[0][:200]}") from None
