@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import keyword
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -75,6 +76,29 @@ class TrainConfig:
 
 
 @dataclass
+SFT_FORMATS = ("auto", "alpaca", "prompt", "chat", "text")
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """Instruction tuning: the training keys of [pretrain] with fine-tuning defaults, plus its data."""
+
+    from_: str = ""  # TOML key `from`: the checkpoint file or run directory to start from
+    datasets: list[str] = field(default_factory=lambda: ["databricks/databricks-dolly-15k"])  # SFT data specs
+    format: str = "auto"  # record shape: auto (from the fields) | alpaca | prompt | chat | text
+    validation_fraction: float = 0.05  # records held out when a source has no validation split
+    samples: int = 3  # held-out prompts answered (greedy) in the log at each eval; 0 = none
+    sample_tokens: int = 64  # new tokens per logged sample
+    lr: float = 1e-4  # lower than pretraining: adapt the weights, do not overwrite them
+    batch_size: int = 32
+    warmup_steps: int = 50
+    max_steps: int = 1000
+    weight_decay: float = 0.0
+    lr_schedule: str = "cosine"
+    eval_every: int = 200
+    save_every: int = 500
+
+
 class EvalConfig:
     max_tokens: int = 0  # validation token budget per eval; 0 = the whole split
     batch_size: int = 0  # sequences per eval forward; 0 = the micro batch size
@@ -87,13 +111,16 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
 
     @property
     def accumulation_steps(self) -> int:
         return self.pretrain.batch_size // self.pretrain.micro_batch_size
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        # Keys that are Python keywords (sft.from) are stored as `from_` attributes.
+        return {section: {toml_key(k): v for k, v in values.items()}
+                for section, values in dataclasses.asdict(self).items()}
 
     def to_toml(self) -> str:
         import tomli_w
@@ -178,6 +205,12 @@ def _nest(overrides: list[tuple[str, Any]]) -> dict[str, dict[str, Any]]:
 # --------------------------------------------------------------------------- typed merge
 
 def _type_name(tp: Any) -> str:
+def toml_key(attribute: str) -> str:
+    """The TOML key of a field: `from_` is written `from` (a Python keyword cannot be a field)."""
+    bare = attribute.removesuffix("_")
+    return bare if bare != attribute and keyword.iskeyword(bare) else attribute
+
+
     if typing.get_origin(tp) is list:
         (inner,) = typing.get_args(tp)
         return f"list of {_type_name(inner)}s"
@@ -223,7 +256,8 @@ def _merge(cfg: Config, tree: dict[str, Any], origin: str) -> None:
                               f"(e.g. {section_name}.KEY = VALUE)")
         section = getattr(cfg, section_name)
         hints = typing.get_type_hints(type(section))
-        fields = {f.name for f in dataclasses.fields(section)}
+        attributes = {toml_key(f.name): f.name for f in dataclasses.fields(section)}
+        fields = set(attributes)
         for key, value in values.items():
             full = f"{section_name}.{key}"
             if key not in fields:
@@ -231,7 +265,7 @@ def _merge(cfg: Config, tree: dict[str, Any], origin: str) -> None:
                 dym = f" (did you mean '{section_name}.{hint[0]}'?)" if hint else ""
                 raise ConfigError(f"unknown config key '{full}' in {origin}{dym}; "
                                   f"keys of [{section_name}]: {', '.join(sorted(fields))}")
-            setattr(section, key, _coerce(full, value, hints[key]))
+            setattr(section, attributes[key], _coerce(full, value, hints[attributes[key]]))
 
 
 # --------------------------------------------------------------------------- validation
@@ -276,10 +310,22 @@ def validate(cfg: Config) -> None:
     validate_training(t, "pretrain")
     _check(e.max_tokens >= 0, f"eval.max_tokens must be >= 0 (0 = all), got {e.max_tokens}")
     _check(e.batch_size >= 0, f"eval.batch_size must be >= 0 (0 = micro batch), got {e.batch_size}")
+    validate_sft(cfg.sft)
 
 
 def validate_training(t: TrainConfig, section: str) -> None:
     _check(t.lr > 0, f"{section}.lr must be > 0, got {t.lr}")
+def validate_sft(t: SFTConfig) -> None:
+    validate_training(t, "sft")
+    _check(len(t.datasets) > 0, "sft.datasets is empty; name at least one source, "
+           "e.g. --set 'sft.datasets=[\"jsonl:instructions.jsonl\"]'")
+    _check(t.format in SFT_FORMATS, f"sft.format must be one of {', '.join(SFT_FORMATS)}, got '{t.format}'")
+    _check(0.0 < t.validation_fraction < 0.5,
+           f"sft.validation_fraction must be in (0, 0.5), got {t.validation_fraction}")
+    _check(t.samples >= 0, f"sft.samples must be >= 0 (0 = none), got {t.samples}")
+    _check(t.sample_tokens >= 1, f"sft.sample_tokens must be >= 1, got {t.sample_tokens}")
+
+
     _check(t.batch_size >= 1, f"{section}.batch_size must be >= 1, got {t.batch_size}")
     _check(t.micro_batch_size >= 1, f"{section}.micro_batch_size must be >= 1, got {t.micro_batch_size}")
     _check(t.batch_size % t.micro_batch_size == 0,
