@@ -360,8 +360,9 @@ class CheckpointCallback(Callback):
     validation weights are always on disk even when evals and saves do not line up."""
 
     def __init__(self, run_dir: Path, cfg: Config, stage: str, tokenizer: TextTokenizer,
-                 data_meta: dict[str, Any], keep_last: int):
+                 data_meta: dict[str, Any], keep_last: int, extra: dict[str, Any] | None = None):
         self.run_dir = run_dir
+        self.extra = extra or {}  # stage-specific plain values saved in every checkpoint (sft: template)
         self.cfg = cfg
         self.stage = stage
         self.tokenizer = tokenizer
@@ -380,6 +381,7 @@ class CheckpointCallback(Callback):
             "config": self.cfg.to_dict(),
             "tokenizer": self.tokenizer.to_state(),
             "data": {"sources": self.data_meta["sources"], "tokens": self.data_meta["tokens"]},
+            **self.extra,
             **trainer.state_dict(),
         })
         self.last_path = path
