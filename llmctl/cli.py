@@ -13,6 +13,7 @@ import os
 import sys
 import traceback
 from collections.abc import Iterator
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -246,8 +247,12 @@ def generate(
     dtype: Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or auto.")] = "float32",
     no_cache: Annotated[bool, typer.Option(
         "--no-cache", help="Re-run the whole context every token instead of using the KV cache (slow).")] = False,
+    raw: Annotated[bool, typer.Option(
+        "--raw", help="Feed the prompt as it is, without an SFT checkpoint's chat template.")] = False,
 ) -> None:
     """Write text with a trained model; the text streams to stdout, a summary goes to stderr.
+
+    An SFT checkpoint answers the prompt as a user turn through its saved chat template (--raw to opt out).
 
     Example: llmctl generate --checkpoint experiments/runs/demo --prompt "ROMEO:" --temperature 0 --stop "\\n\\n"
     """
@@ -274,7 +279,7 @@ def generate(
 
         results = generate_samples(
             checkpoint, read_prompt(prompt, prompt_file), num_samples, on_text=write, on_sample_end=sample_end,
-            device=device, dtype=dtype, use_cache=not no_cache, max_new_tokens=max_new_tokens,
+            device=device, dtype=dtype, use_cache=not no_cache, raw=raw, max_new_tokens=max_new_tokens,
             temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
             stop=tuple(unescape(s) for s in stop or ()), seed=seed)
         tokens = sum(r.tokens for r in results)
@@ -283,9 +288,97 @@ def generate(
         samples = f"{len(results)} samples, " if len(results) > 1 else ""
         first = results[0]
         cut = f" (the last {first.prompt_used} fit the context)" if first.prompt_used < first.prompt_tokens else ""
+        cut += " through the chat template" if first.templated else ""
         sys.stderr.write(f"generate: {samples}{tokens} tokens in {seconds:.2f}s ({tokens / max(seconds, 1e-9):,.1f} "
                          f"tokens/s), prompt {first.prompt_tokens} tokens{cut}, finished: {finished}, "
                          f"seed {first.seed}\n")
+
+
+class ExportFormat(str, Enum):
+    hf = "hf"
+    safetensors = "safetensors"
+
+
+@app.command()
+def export(
+    out_dir: Annotated[Path, typer.Argument(
+        metavar="OUT_DIR", help="Folder to create (replaced only with --force); written whole or not at all.")],
+    checkpoint: Annotated[str, typer.Option(
+        "--checkpoint", "-c", help="An llmctl checkpoint file or run directory (its final, else latest, checkpoint).")],
+    fmt: Annotated[ExportFormat, typer.Option(
+        "--format", "-f", help="hf: a transformers model folder (LlamaForCausalLM; attention sinks: "
+                               "GraniteSWAForCausalLM) with tokenizer and chat template; safetensors: "
+                               "llmctl's own weights, config.toml and tokenizer.json.")] = ExportFormat.hf,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT_DIR if it exists and is not empty.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+) -> None:
+    """Export a checkpoint for transformers and the tools built on it; it is loaded back and checked
+    against the checkpoint (same logits, same token ids) before OUT_DIR appears.
+
+    Example: llmctl export --checkpoint experiments/runs/demo --format hf exported/demo
+    (then: AutoModelForCausalLM.from_pretrained("exported/demo"))
+    """
+    with user_errors():
+        from llmctl.export import export_checkpoint
+
+        result = export_checkpoint(checkpoint, out_dir, fmt.value, force=force,
+                                   on_status=lambda line: sys.stderr.write(line + "\n"))
+        if as_json:
+            import json
+
+            typer.echo(json.dumps(result))
+            return
+        sys.stderr.write(f"export: verified — max |logit difference| {result['max_abs_logit_diff']:.2g} over "
+                         f"{result['positions']} positions; tokenizer ids identical"
+                         f"{'; chat template renders identically' if result['chat_template'] else ''}\n")
+        typer.echo(result["output"])
+
+
+@app.command()
+def runs(
+    directory: Annotated[Path, typer.Argument(
+        metavar="DIR", help="Folder holding run directories (run.output_dir), or one run directory.")]
+        = Path("experiments/runs"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+) -> None:
+    """List training runs: stage, steps, tokens, validation perplexity, wall time, state, newest checkpoint.
+
+    State is running, finished, interrupted (a signal, or a process that vanished) or failed.
+    Example: llmctl runs experiments/runs --json
+    """
+    with user_errors():
+        from llmctl.runs import list_runs
+
+        rows = list_runs(directory)
+        if as_json:
+            import json
+
+            typer.echo(json.dumps({"dir": str(directory), "runs": rows}))
+            return
+        from llmctl.data.report import wide_console
+        from llmctl.runs import runs_table
+
+        if not rows:
+            sys.stderr.write(f"no runs in {directory}\n")
+            return
+        wide_console().print(runs_table(rows, title=str(directory)))
+
+
+@app.command()
+def plot(
+    run_dirs: Annotated[list[str], typer.Argument(
+        metavar="RUN", help="Run directories (or run names under experiments/runs) to draw, overlaid.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The PNG file to write.")] = Path("loss.png"),
+) -> None:
+    """Draw training and validation loss against steps and tokens into a PNG; several runs are overlaid.
+
+    Needs matplotlib: pip install "llmctl[plot]". Example: llmctl plot experiments/runs/a experiments/runs/b -o ab.png
+    """
+    with user_errors():
+        from llmctl.plot import plot_runs
+
+        result = plot_runs(run_dirs, output)
+        typer.echo(result["output"])
 
 
 data_app = typer.Typer(
