@@ -29,6 +29,7 @@ class RunConfig:
     dtype: str = "auto"  # auto (bf16 where the device supports it) | float32 | bfloat16 | float16
     compile: bool = False  # torch.compile the model (falls back to eager with a warning)
     log_every: int = 10  # steps between logged training lines
+    report_to: list[str] = field(default_factory=list)  # also send metrics to: tensorboard, wandb
 
 
 @dataclass
@@ -129,6 +130,7 @@ class Config:
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+REPORT_TO = ("tensorboard", "wandb")  # trackers (llmctl.trackers), each an optional extra
 LR_SCHEDULES = ("constant", "cosine")
 
 
@@ -282,6 +284,8 @@ def validate(cfg: Config) -> None:
     _check(r.device == "auto" or r.device.split(":")[0] in ("cpu", "cuda", "mps"),
            f"run.device must be auto, cpu, cuda, cuda:N or mps, got '{r.device}'")
     _check(r.log_every >= 1, f"run.log_every must be >= 1, got {r.log_every}")
+    _check(all(t in REPORT_TO for t in r.report_to) and len(set(r.report_to)) == len(r.report_to),
+           f"run.report_to takes each of {', '.join(REPORT_TO)} at most once, got {r.report_to}")
     _check("/" not in r.name and "\\" not in r.name and r.name not in (".", ".."),
            f"run.name must be a plain directory name, got '{r.name}'")
     _check(len(d.datasets) > 0, "data.datasets is empty; name at least one source, "
