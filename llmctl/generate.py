@@ -15,6 +15,8 @@ Three layers, each usable alone:
   only when it does not end in a partial UTF-8 character — and text that could be the start
   of a stop string is held back until it is known not to be one, so what `on_text` receives
   is exactly the final text, streamed. Stop strings are not included in the result.
+  For an SFT checkpoint the prompt is rendered with the chat template saved in it
+  (`chat_prompt`), the same code that rendered the training data; `raw=True` opts out.
 """
 
 from __future__ import annotations
@@ -231,6 +233,23 @@ class StopFilter:
         return out
 
 
+class LeadStrip:
+    """Drops a fixed prefix (an SFT template's reply lead, " ") from the start of streamed
+    text, holding back the first characters until they are known to be it or not."""
+
+    def __init__(self, lead: str):
+        self.lead, self.held, self.done = lead, "", not lead
+
+    def feed(self, delta: str) -> str:
+        if self.done:
+            return delta
+        self.held += delta
+        if len(self.held) < len(self.lead) and self.lead.startswith(self.held):
+            return ""
+        self.done = True
+        return self.held.removeprefix(self.lead)
+
+
 @dataclass
 class Completion:
     text: str  # the generated text (prompt not included; stop string not included)
@@ -241,6 +260,7 @@ class Completion:
     seed: int
     token_ids: list[int] = field(default_factory=list)
     prompt_used: int = 0  # prompt tokens the model saw: the last context_length of them
+    templated: bool = False  # the prompt went through an SFT checkpoint's chat template
 
     @property
     def tokens_per_second(self) -> float:
@@ -258,11 +278,27 @@ def _as_loaded(checkpoint_or_model: Any, device: str, dtype: str) -> "LoadedMode
                     "model id, or a LoadedModel from llmctl.load_model")
 
 
+def chat_prompt(loaded: "LoadedModel", prompt: str, raw: bool = False) -> tuple[list[int], Any]:
+    """(prompt ids, template or None): an SFT checkpoint's chat template renders `prompt` as a
+    user turn plus the assistant prefix, exactly as in training (`llmctl.data.sft.prompt_ids`);
+    other models, or `raw`, take the text as it is."""
+    if raw or not getattr(loaded, "template", None):
+        return loaded.tokenizer.encode(prompt), None
+    from llmctl.data.sft import ChatTemplate, prompt_ids
+
+    template = ChatTemplate.from_state(loaded.template)
+    return prompt_ids([("user", prompt)], template, loaded.tokenizer), template
+
+
 def complete(checkpoint_or_model: Any, prompt: str, *, on_text: Callable[[str], None] | None = None,
-             device: str = "auto", dtype: str = "float32", use_cache: bool = True,
+             device: str = "auto", dtype: str = "float32", use_cache: bool = True, raw: bool = False,
              **sampling: Any) -> Completion:
     """Continue `prompt`; `on_text` receives the text as it is produced. `sampling` holds the
-    fields of `Sampling` (max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed)."""
+    fields of `Sampling` (max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed).
+
+    For an SFT checkpoint the prompt is a user turn: its chat template renders it, the reply's
+    leading template text (a space) is not returned, and the start of a next user turn stops
+    the reply; `raw=True` feeds the text as it is."""
     unknown = set(sampling) - {f.name for f in fields(Sampling)}
     if unknown:
         raise ConfigError(f"unknown sampling option(s): {', '.join(sorted(unknown))}; "
@@ -273,14 +309,20 @@ def complete(checkpoint_or_model: Any, prompt: str, *, on_text: Callable[[str], 
     loaded = _as_loaded(checkpoint_or_model, device, dtype)
     seed = params.seed if params.seed is not None else int(torch.seed() % 2**31)
     generator = torch.Generator().manual_seed(seed)
-    prompt_ids = loaded.tokenizer.encode(prompt)
+    prompt_ids, template = chat_prompt(loaded, prompt, raw)
     if not prompt_ids:
         raise ConfigError("the prompt encodes to no tokens; give some text to continue")
     decoder = IncrementalDecoder(loaded.tokenizer, prompt_ids)
     stops = StopFilter(params.stop)
+    lead = LeadStrip("")
+    if template is not None:
+        lead = LeadStrip(template.assistant.partition("{content}")[0])  # every reply starts with it (" ")
+        next_turn = template.user.partition("{content}")[0].strip()  # the model writing the next user turn
+        stops = StopFilter(params.stop + ((next_turn,) if next_turn and next_turn not in params.stop else ()))
     parts: list[str] = []
 
     def emit(text: str) -> None:
+        text = lead.feed(text)
         if text:
             parts.append(text)
             if on_text is not None:
@@ -306,7 +348,7 @@ def complete(checkpoint_or_model: Any, prompt: str, *, on_text: Callable[[str], 
         emit(stops.finish())
     seconds = time.perf_counter() - start
     return Completion("".join(parts), len(new_ids), len(prompt_ids), seconds, finish, seed, new_ids,
-                      min(len(prompt_ids), loaded.context_length))
+                      min(len(prompt_ids), loaded.context_length), template is not None)
 
 
 def generate_text(checkpoint_or_model: Any, prompt: str, **sampling: Any) -> str:
@@ -352,7 +394,7 @@ def read_prompt(prompt: str | None, prompt_file: str | Path | None) -> str:
 def generate_samples(checkpoint_or_model: Any, prompt: str, num_samples: int = 1, *,
                      on_text: Callable[[str], None] | None = None,
                      on_sample_end: Callable[[int, Completion], None] | None = None,
-                     device: str = "auto", dtype: str = "float32", use_cache: bool = True,
+                     device: str = "auto", dtype: str = "float32", use_cache: bool = True, raw: bool = False,
                      **sampling: Any) -> list[Completion]:
     """`llmctl generate`: load once, then `num_samples` completions; sample i uses seed + i,
     so each one can be redone alone. Options are checked before the model is loaded."""
@@ -366,7 +408,7 @@ def generate_samples(checkpoint_or_model: Any, prompt: str, num_samples: int = 1
     results = []
     for i in range(num_samples):
         options = {f.name: getattr(params, f.name) for f in fields(Sampling)} | {"seed": base + i}
-        result = complete(loaded, prompt, on_text=on_text, use_cache=use_cache, **options)
+        result = complete(loaded, prompt, on_text=on_text, use_cache=use_cache, raw=raw, **options)
         results.append(result)
         if on_sample_end is not None:
             on_sample_end(i, result)

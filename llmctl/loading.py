@@ -40,6 +40,7 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype  # autocast precision
     step: int | None = None
+    template: dict[str, str] | None = None  # an SFT checkpoint's chat template (`llmctl.data.sft.ChatTemplate`)
 
     @property
     def kind(self) -> str:
@@ -97,7 +98,7 @@ def _load_llmctl(source: str, path: Path, device: torch.device, dtype: torch.dty
         raise LlmctlError(f"{path}: its weights do not fit its own config ({str(e).splitlines()[0]})") from None
     model.to(device).eval()
     return LoadedModel(model, tokenizer, cfg.model.max_seq_len, source, path, cfg, device, dtype,
-                       step=int(payload["step"]) if "step" in payload else None)
+                       step=int(payload["step"]) if "step" in payload else None, template=payload.get("template"))
 
 
 class TransformersLM(torch.nn.Module):
