@@ -146,6 +146,59 @@ def document_tokens(docs: Iterable[str], tokenizer: "TextTokenizer", count: Byte
     batch: list[str] = []
 
     def flush() -> Iterator[np.ndarray]:
+@torch.no_grad()
+def evaluate_examples(model: torch.nn.Module, examples: list[Any], batch_size: int, device: torch.device,
+                      autocast: contextlib.AbstractContextManager | None = None, pad_id: int = 0,
+                      max_tokens: int = 0) -> dict[str, float]:
+    """Response-only loss over SFT examples (`llmctl.data.sft.Example`): the summed loss of
+    every target that is not IGNORE (reply tokens and their end-of-text; prompt and padding
+    targets are -100) divided once by their count, so it is exact whatever the batching.
+    Examples are batched by length to waste little on padding; `max_tokens` > 0 stops after
+    the example that reaches that many scored targets. Same result keys as evaluate_tokens."""
+    from llmctl.data.sft import IGNORE, pad_batch
+
+    was_training = model.training
+    model.eval()
+    chosen, counted = [], 0
+    for example in examples:
+        if max_tokens and counted >= max_tokens:
+            break
+        chosen.append(example)
+        counted += sum(label != IGNORE for label in example.labels)
+    chosen.sort(key=lambda e: len(e.input_ids))
+    total_loss, total_tokens = 0.0, 0
+    start = time.perf_counter()
+    try:
+        for i in range(0, len(chosen), batch_size):
+            x, y = pad_batch(chosen[i: i + batch_size], pad_id)  # (B, T_max), padding targets IGNORE
+            total_tokens += int((y != IGNORE).sum())
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with autocast or contextlib.nullcontext():
+                total_loss += float(model(x, y, reduction="sum"))
+    finally:
+        model.train(was_training)
+    mean = total_loss / max(total_tokens, 1)
+    return {"loss": mean, "perplexity": math.exp(min(mean, 700.0)), "tokens": total_tokens,
+            "loss_sum": total_loss, "seconds": time.perf_counter() - start}
+
+
+def response_bytes(examples: list[Any], tokenizer: "TextTokenizer", max_tokens: int = 0) -> int:
+    """UTF-8 bytes of the scored reply tokens of SFT examples (each end-of-text counts as one
+    byte, as in `stream_bytes`), for bits per byte of a response-only loss; `max_tokens` picks
+    the same examples as evaluate_examples."""
+    from llmctl.data.sft import IGNORE
+
+    total, counted = 0, 0
+    for example in examples:
+        if max_tokens and counted >= max_tokens:
+            break
+        ids = [t for t in example.labels if t != IGNORE]
+        counted += len(ids)
+        eos = sum(t == tokenizer.eos_id for t in ids)
+        total += eos + len(tokenizer.decode([t for t in ids if t != tokenizer.eos_id]).encode("utf-8"))
+    return total
+
+
         for doc, ids in zip(batch, tokenizer.encode_batch(batch)):
             count.bytes += len(doc.encode("utf-8")) + 1  # the text, and its end-of-text as one byte
             count.documents += 1

@@ -202,10 +202,27 @@ def encode_example(messages: list[Message], template: ChatTemplate, tokenizer, m
     Too long: the reply side is cut; if the prompt alone leaves no room, its oldest
     tokens go first so that at least a quarter of the window stays for the reply.
     """
+    pieces = [([tokenizer.eos_id] if text == "<eos>" else tokenizer.encode(text), trained)
+              for text, trained in render_segments(messages, template)]
+    return _assemble(pieces, max_len)
+
+
+def encode_examples(conversations: list[list[Message]], template: ChatTemplate, tokenizer,
+                    max_len: int) -> list[Example]:
+    """`encode_example` for many conversations, with one batched tokenizer call over the
+    distinct segment texts (the template's fixed parts repeat in every example)."""
+    rendered = [render_segments(messages, template) for messages in conversations]
+    texts = sorted({text for segments in rendered for text, _ in segments if text != "<eos>"})
+    ids_of = dict(zip(texts, tokenizer.encode_batch(texts))) if texts else {}
+    return [_assemble([([tokenizer.eos_id] if text == "<eos>" else ids_of[text], trained)
+                       for text, trained in segments], max_len) for segments in rendered]
+
+
+def _assemble(pieces: list[tuple[list[int], bool]], max_len: int) -> Example:
+    """Encoded segments (ids, trained) -> one Example, truncated as encode_example describes."""
     ids: list[int] = []
     trained: list[bool] = []
-    for text, is_trained in render_segments(messages, template):
-        seg = [tokenizer.eos_id] if text == "<eos>" else tokenizer.encode(text)
+    for seg, is_trained in pieces:
         ids += seg
         trained += [is_trained] * len(seg)
     truncated = len(ids) > max_len + 1
@@ -232,16 +249,26 @@ def read_records(path: Path, kind: str) -> Iterator[tuple[str, dict[str, Any]]]:
     """(where, record) pairs from a json (array), jsonl or parquet file; `where` names the line/row."""
     if kind == "jsonl":
         with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield f"{path}:{n}", json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise LlmctlError(f"{path} line {n} is not valid JSON ({e.msg}); fix or remove that line") from None
+            n = 0
+            try:
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise LlmctlError(f"{path} line {n} is not valid JSON ({e.msg}); "
+                                          f"fix or remove that line") from None
+                    yield f"{path}:{n}", record
+            except UnicodeDecodeError as e:
+                raise LlmctlError(f"{path} line {n + 1} is not UTF-8 text ({e.reason}); "
+                                  f"convert the file, e.g. iconv -t utf-8") from None
     elif kind == "json":
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise LlmctlError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                              f"convert it, e.g. iconv -t utf-8") from None
         except json.JSONDecodeError as e:
             raise LlmctlError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); "
                               f"json: expects one array of objects, jsonl: one object per line") from None
@@ -261,6 +288,173 @@ def read_records(path: Path, kind: str) -> Iterator[tuple[str, dict[str, Any]]]:
             yield f"{path} row {i}", record
     else:
         raise ConfigError(f"unknown SFT file kind '{kind}'; use json:, jsonl: or parquet:")
+
+
+# --------------------------------------------------------------------------- specs -> conversations
+
+# Instruction sets on the Hub that a user can name without hf: (none has a validation split).
+SFT_REGISTERED: dict[str, tuple[str, str | None]] = {
+    "tatsu-lab/alpaca": ("tatsu-lab/alpaca", None),  # 52k, instruction/input/output
+    "yahma/alpaca-cleaned": ("yahma/alpaca-cleaned", None),  # 52k, Alpaca with fixes
+    "databricks/databricks-dolly-15k": ("databricks/databricks-dolly-15k", None),  # 15k human-written
+}
+_SFT_FORMS = (f"a registered set ({', '.join(SFT_REGISTERED)}), hf:ORG/NAME[/CONFIG], "
+              f"json:GLOB, jsonl:GLOB or parquet:GLOB, with :N to cap at N records")
+
+
+def parse_sft_spec(raw: str):
+    """An `sft.datasets` entry -> `llmctl.data.sources.SourceSpec` (kind hub, json, jsonl or parquet)."""
+    import dataclasses
+
+    from llmctl.data.sources import REGISTERED, parse_spec
+
+    spec_text = raw.strip()
+    head, sep, tail = spec_text.rpartition(":")
+    name = head if sep and re.fullmatch(r"[-+]?\d+", tail) else spec_text
+    if name in SFT_REGISTERED:
+        return dataclasses.replace(parse_spec(f"hf:{spec_text}"), raw=raw)
+    try:
+        spec = parse_spec(raw)
+    except ConfigError as e:
+        if "unknown data source" in str(e) or "empty data spec" in str(e):
+            raise ConfigError(f"unknown SFT data source '{raw}' in sft.datasets; use {_SFT_FORMS}") from None
+        raise
+    if spec.kind == "text":
+        raise ConfigError(f"sft.datasets '{raw}': text: files have no instruction/response structure; "
+                          f"use jsonl:, json: or parquet: records (alpaca, prompt/response, chat or "
+                          f"'### Human: ... ### Assistant: ...' text)")
+    if spec.kind == "hub" and spec.target in REGISTERED:
+        raise ConfigError(f"sft.datasets '{raw}' is a pretraining corpus, not instruction data; "
+                          f"use {_SFT_FORMS}")
+    if spec.field is not None:
+        raise ConfigError(f"sft.datasets '{raw}': SFT records are read whole; drop '#{spec.field}' "
+                          f"(set sft.format to name the record shape)")
+    return spec
+
+
+def check_sft_sources(specs: list[str]) -> list:
+    """Parse every spec and check that local files exist, before any slow work."""
+    from llmctl.data.sources import local_files
+
+    parsed = [parse_sft_spec(s) for s in specs]
+    for spec in parsed:
+        if spec.kind != "hub":
+            local_files(spec)
+    return parsed
+
+
+def iter_records(spec, split: str = "train") -> Iterator[tuple[str, Any]] | None:
+    """(where, record) of a source's split; None when it has no such split (local files
+    have only "train")."""
+    if spec.kind != "hub":
+        from llmctl.data.sources import local_files
+
+        if split != "train":
+            return None
+        return ((where, record) for f in local_files(spec) for where, record in read_records(f, spec.kind))
+    return _hub_records(spec, split)
+
+
+def _hub_records(spec, split: str) -> Iterator[tuple[str, Any]] | None:
+    from llmctl.data.hub import hub_offline, require_hub
+
+    path, config = SFT_REGISTERED.get(spec.target) or (
+        ("/".join(spec.target.split("/")[:2]), spec.target.split("/")[2]) if spec.target.count("/") == 2
+        else (spec.target, None))
+    require_hub(f"dataset '{spec.raw}'", "use a local file (--set 'sft.datasets=[\"jsonl:PATH\"]')")
+    import datasets
+
+    datasets.logging.set_verbosity_error()
+    try:
+        ds = datasets.load_dataset(path, config, split=split)
+    except ValueError as e:
+        if split != "train" and "split" in str(e).lower():
+            return None
+        raise LlmctlError(f"cannot load '{spec.raw}' split {split}: {str(e).splitlines()[0]}") from None
+    except (ConnectionError, OSError) as e:
+        hint = "populate the cache while online first" if hub_offline() else "check the name and your connection"
+        raise LlmctlError(f"cannot load '{spec.raw}' from the Hub ({type(e).__name__}); {hint}, "
+                          f"or use a local jsonl:/json:/parquet: file") from None
+    except Exception as e:  # datasets raises its own types (DatasetNotFoundError, ...)
+        raise LlmctlError(f"cannot load '{spec.raw}' from the Hub: {str(e).splitlines()[0]}") from None
+    return ((f"{spec.raw} ({split} row {i})", row) for i, row in enumerate(ds))
+
+
+def conversation(where: str, record: Any, fmt: str) -> list[Message]:
+    """`to_messages` with the record's place in the message: one line a user can act on."""
+    try:
+        return to_messages(record, fmt)
+    except EmptyReply:
+        raise
+    except ValueError as e:
+        hint = " (or set sft.format to the shape it is in)" if fmt == "auto" else f" (sft.format is {fmt})"
+        raise LlmctlError(f"{where}: {e}; fix or remove that record{hint}") from None
+
+
+@dataclass
+class SFTData:
+    """Conversations of every source, split into train and held-out validation."""
+
+    train: list[list[Message]] = field(default_factory=list)
+    validation: list[list[Message]] = field(default_factory=list)
+    sources: list[dict[str, Any]] = field(default_factory=list)  # per source: counts and how it was split
+    skipped: int = 0  # records with an empty reply
+    first_skipped: str | None = None  # where the first of them is
+
+
+def _conversations(records: Iterator[tuple[str, Any]], fmt: str, cap: int | None, data: SFTData
+                   ) -> list[list[Message]]:
+    out: list[list[Message]] = []
+    for where, record in records:
+        if cap is not None and len(out) >= cap:
+            break
+        try:
+            out.append(conversation(where, record, fmt))
+        except EmptyReply:
+            data.skipped += 1
+            data.first_skipped = data.first_skipped or where
+    return out
+
+
+def held_out_indices(n: int, fraction: float) -> set[int]:
+    """max(1, round(n * fraction)) of n records (none when n < 2), picked by a fixed seed."""
+    if n < 2:
+        return set()
+    k = min(n - 1, max(1, round(n * fraction)))
+    return set(random.Random(HOLDOUT_SEED).sample(range(n), k))
+
+
+def load_sft_data(specs: list[str], fmt: str, validation_fraction: float) -> SFTData:
+    """Every source's conversations (caps applied), with held-out validation: a source's own
+    validation split, else a fixed `validation_fraction` of its records."""
+    data = SFTData()
+    for spec in check_sft_sources(specs):
+        train = _conversations(iter_records(spec, "train") or iter(()), fmt, spec.cap, data)
+        own = iter_records(spec, "validation") if spec.kind == "hub" else None
+        if own is not None:
+            validation, how = _conversations(own, fmt, spec.cap, data), "its validation split"
+        else:
+            held = held_out_indices(len(train), validation_fraction)
+            validation = [c for i, c in enumerate(train) if i in held]
+            train = [c for i, c in enumerate(train) if i not in held]
+            how = f"{len(validation)} held out ({validation_fraction:g})"
+        data.train += train
+        data.validation += validation
+        data.sources.append({"spec": spec.raw, "train": len(train), "validation": len(validation), "held_out": how})
+    return data
+
+
+def record_at(spec_text: str, index: int) -> tuple[str, Any]:
+    """The `index`-th record (0-based, caps ignored) of a source's train split, for inspection."""
+    from itertools import islice
+
+    if index < 0:
+        raise ConfigError(f"--index {index} must be >= 0")
+    spec = check_sft_sources([spec_text])[0]
+    found = list(islice(iter_records(spec, "train") or iter(()), index, index + 1))
+    if not found:
+        raise ConfigError(f"'{spec_text}' has fewer than {index + 1} records; pass a smaller --index")
+    return found[0]
 
 
 # --------------------------------------------------------------------------- batches
