@@ -147,9 +147,10 @@ def _newest_checkpoint(found: list[tuple[str, int | None, Path]]) -> Path | None
     return max((p for _, _, p in found), key=mtime, default=None)
 
 
-def wall_seconds(train: list[dict[str, Any]]) -> float | None:
+def wall_seconds(train: list[dict[str, Any]], evals: list[dict[str, Any]] = ()) -> float | None:
     """Training wall time over all attempts: `elapsed_seconds` restarts at 0 on each resume,
-    so the run's total is the sum of each attempt's last value."""
+    so the run's total is the sum of each attempt's last value, plus the evaluation that
+    follows the last logged step (it runs after that record was written)."""
     total, last, seen = 0.0, 0.0, False
     for r in train:
         elapsed = r.get("elapsed_seconds")
@@ -158,7 +159,12 @@ def wall_seconds(train: list[dict[str, Any]]) -> float | None:
         if elapsed < last:  # a new attempt began
             total += last
         last, seen = float(elapsed), True
-    return total + last if seen else None
+    if not seen:
+        return None
+    final_step = train[-1]["step"]
+    tail = sum(e.get("eval_seconds", 0.0) for e in evals
+               if e["step"] == final_step and isinstance(e.get("eval_seconds"), (int, float)))
+    return total + last + tail
 
 
 def _read_config(run_dir: Path) -> dict[str, Any]:
@@ -245,7 +251,7 @@ def summarize_run(run_dir: Path) -> dict[str, Any]:
         "best_step": best["step"] if best else None,
         "val_bits_per_byte": _bits_per_byte(last) if last else None,
         "best_val_bits_per_byte": min(bpb) if bpb else None,
-        "wall_seconds": wall_seconds(train), "checkpoint": str(newest) if newest else None,
+        "wall_seconds": wall_seconds(train, evals), "checkpoint": str(newest) if newest else None,
         "started_at": started,
     }
 
