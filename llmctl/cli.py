@@ -24,7 +24,10 @@ from llmctl.errors import LlmctlError
 
 app = typer.Typer(
     name="llmctl",
-    help="Train small language models from scratch on your own hardware.",
+    help="Train small language models from scratch on your own hardware: data -> pretrain -> eval -> sft "
+         "-> generate -> export.\n\n"
+         "Example: llmctl pretrain --preset tiny --run-name demo, then llmctl runs and llmctl plot demo. "
+         "Tab completion: llmctl --install-completion (bash, zsh, fish, PowerShell).",
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_enable=False,
@@ -383,7 +386,8 @@ def plot(
 
 data_app = typer.Typer(
     name="data", no_args_is_help=True,
-    help="Prepare and inspect token stores: read the sources, tokenize, pack into shards, cache.")
+    help="Prepare and inspect token stores: read the sources, tokenize, pack into shards, cache.\n\n"
+         "Example: llmctl data prepare --preset tiny, then llmctl data info --preset tiny")
 app.add_typer(data_app, name="data")
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of a table.")]
 

@@ -27,6 +27,7 @@ from llmctl.evaluate import evaluate_tokens
 from llmctl.model import Transformer
 from llmctl.progress import MetricsCallback, ProgressCallback, RunLog
 from llmctl.runtime import autocast, resolve_device, resolve_dtype, seed_everything
+from llmctl.trackers import Reporting, check_trackers
 from llmctl.trainer import Trainer, TrainingStopped
 
 STAGE = "pretrain"
@@ -106,6 +107,7 @@ def run_pretrain(cfg: Config, console: Console, overwrite: bool = False, resume:
     when a signal stops the run."""
     run_dir = run_dir_of(cfg)
     check_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    check_trackers(cfg.run.report_to)  # a missing tensorboard/wandb is named before the slow data work
     device = resolve_device(cfg.run.device)
     dtype = resolve_dtype(cfg.run.dtype, device)
     check_sources(cfg.data.datasets)
@@ -140,9 +142,11 @@ def run_pretrain(cfg: Config, console: Console, overwrite: bool = False, resume:
     write_text_atomic(run_dir / "config.toml", cfg.to_toml())
     progress = ProgressCallback(console, RunLog(run_dir / "training.log"), title=f"{cfg.run.name} {STAGE}")
     checkpoints = CheckpointCallback(run_dir, cfg, STAGE, tokenizer, store.meta, cfg.pretrain.keep_last)
+    reporting = Reporting(cfg, run_dir, STAGE, progress.say, progress.log.write)  # status.json, trackers, loss.png
     trainer = Trainer(model, cfg.pretrain, batches=batches, evaluate=evaluate, device=device, dtype=dtype,
                       seq_len=cfg.model.max_seq_len, log_every=cfg.run.log_every, compile=cfg.run.compile,
-                      callbacks=[progress, MetricsCallback(run_dir / "metrics.jsonl"), checkpoints])
+                      callbacks=[progress, MetricsCallback(run_dir / "metrics.jsonl"), checkpoints,
+                                 *reporting.callbacks])
     if point is not None:
         trainer.load_state_dict(point.state)
         checkpoints.last_path = point.path
@@ -159,7 +163,8 @@ def run_pretrain(cfg: Config, console: Console, overwrite: bool = False, resume:
             progress.say(note)
         point = None  # free the loaded state: the trainer holds its own copy now
     try:
-        summary = trainer.fit()
+        with reporting.watch(trainer):  # a stop or crash is recorded in status.json too
+            summary = trainer.fit()
     except TrainingStopped as e:
         e.explain(checkpoints.last_path, resume_command, STAGE)
         progress.log.write(str(e))
