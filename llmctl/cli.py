@@ -384,6 +384,73 @@ def plot(
         typer.echo(result["output"])
 
 
+@app.command()
+def sft(
+    from_: Annotated[Optional[str], typer.Option(
+        "--from", metavar="CKPT", help="The checkpoint to fine-tune: an llmctl .pt file, or a run directory "
+                                       "(its pretrain final checkpoint). Default: sft.from.")] = None,
+    preset: PresetOption = "local",
+    run_name: Annotated[Optional[str], typer.Option(
+        "--run-name", "-n", help="Run directory name under run.output_dir (default: the base run's name + '-sft').")
+    ] = None,
+    overrides: SetOption = None,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Delete this SFT run's directory (checkpoints and logs) and start again there.")] = False,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue the SFT run from its newest checkpoint; pass the same --from, preset and "
+                         "--set values.")] = False,
+) -> None:
+    """Instruction-tune a pretrained checkpoint: loss on the replies only, the pretrain trainer and run files.
+
+    [model] and the tokenizer come from the checkpoint; the data, lr and steps from [sft].
+    Example: llmctl sft --from experiments/runs/demo --preset tiny --set 'sft.datasets=["jsonl:chat.jsonl:2000"]'
+    """
+    with user_errors():
+        from rich.console import Console
+
+        from llmctl.sft import load_sft_config, resume_command, run_sft
+
+        cfg, base = load_sft_config(preset, overrides, run_name, from_, resume)
+        summary = run_sft(cfg, base, Console(stderr=True), overwrite=overwrite, resume=resume,
+                          resume_command=resume_command(cfg.sft.from_, preset, overrides, cfg.run.name))
+        typer.echo(summary["checkpoint"])
+
+
+@app.command()
+def pipeline(
+    preset: PresetOption = "local",
+    run_name: Annotated[Optional[str], typer.Option(
+        "--run-name", "-n", help="Run name (default: pipeline-<preset>); the SFT run is <name>-sft.")] = None,
+    overrides: SetOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object on stdout.")] = False,
+) -> None:
+    """The whole path: data -> pretrain -> sft -> eval -> samples; a rerun skips finished stages and resumes the rest.
+
+    Example: llmctl pipeline --preset tiny --run-name demo --set 'sft.datasets=["jsonl:chat.jsonl"]'
+    """
+    with user_errors():
+        from llmctl.config import load_config
+        from llmctl.sft import names_run
+
+        if not names_run(preset, overrides, run_name):
+            run_name = f"pipeline-{Path(preset).stem}"  # stable, so running it again resumes
+        cfg = load_config(preset, overrides, run_name)
+        from rich.console import Console
+
+        from llmctl.pipeline import pipeline_command, render_summary, run_pipeline
+
+        summary = run_pipeline(cfg, Console(stderr=True), overrides,
+                               command=pipeline_command(preset, overrides, cfg.run.name))
+        if as_json:
+            import json
+
+            typer.echo(json.dumps(summary))
+            return
+        from llmctl.data.report import wide_console
+
+        render_summary(summary, wide_console())
+
+
 data_app = typer.Typer(
     name="data", no_args_is_help=True,
     help="Prepare and inspect token stores: read the sources, tokenize, pack into shards, cache.\n\n"
@@ -438,6 +505,39 @@ def data_info(
         _show_data(info, as_json)
         if info.get("corrupt_shards"):
             raise typer.Exit(1)
+
+
+@data_app.command("inspect")
+def data_inspect(
+    sft_spec: Annotated[str, typer.Option(
+        "--sft", metavar="SPEC", help="SFT data spec to look into: jsonl:FILE, json:FILE, parquet:FILE or a "
+                                      "registered Hub set.")],
+    index: Annotated[int, typer.Option("--index", "-i", help="Which record, 0-based in file order.")] = 0,
+    checkpoint: Annotated[Optional[str], typer.Option(
+        "--checkpoint", "-c", help="Use this checkpoint's tokenizer, chat template and context "
+                                   "(default: the preset's data.tokenizer and model.max_seq_len).")] = None,
+    preset: PresetOption = "local",
+    overrides: SetOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show how one SFT record is rendered and which tokens carry loss (the mask training uses).
+
+    Example: llmctl data inspect --sft jsonl:chat.jsonl --index 3 --checkpoint experiments/runs/demo
+    """
+    with user_errors():
+        from llmctl.config import load_config
+        from llmctl.sft import inspect_example, render_inspection
+
+        cfg = load_config(preset, overrides, run_name="inspect")
+        info = inspect_example(sft_spec, index, cfg, checkpoint)
+        if as_json:
+            import json
+
+            typer.echo(json.dumps(info))
+            return
+        from llmctl.data.report import wide_console
+
+        render_inspection(info, wide_console())
 
 
 def main() -> None:

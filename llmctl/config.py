@@ -76,7 +76,6 @@ class TrainConfig:
     keep_last: int = 0  # step checkpoints kept; 0 = all
 
 
-@dataclass
 SFT_FORMATS = ("auto", "alpaca", "prompt", "chat", "text")
 
 
@@ -100,6 +99,7 @@ class SFTConfig(TrainConfig):
     save_every: int = 500
 
 
+@dataclass
 class EvalConfig:
     max_tokens: int = 0  # validation token budget per eval; 0 = the whole split
     batch_size: int = 0  # sequences per eval forward; 0 = the micro batch size
@@ -111,8 +111,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
     def accumulation_steps(self) -> int:
@@ -206,13 +206,13 @@ def _nest(overrides: list[tuple[str, Any]]) -> dict[str, dict[str, Any]]:
 
 # --------------------------------------------------------------------------- typed merge
 
-def _type_name(tp: Any) -> str:
 def toml_key(attribute: str) -> str:
     """The TOML key of a field: `from_` is written `from` (a Python keyword cannot be a field)."""
     bare = attribute.removesuffix("_")
     return bare if bare != attribute and keyword.iskeyword(bare) else attribute
 
 
+def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is list:
         (inner,) = typing.get_args(tp)
         return f"list of {_type_name(inner)}s"
@@ -312,13 +312,11 @@ def validate(cfg: Config) -> None:
     _check(m.norm_eps > 0, f"model.norm_eps must be > 0, got {m.norm_eps}")
     _check(m.init_std > 0, f"model.init_std must be > 0, got {m.init_std}")
     validate_training(t, "pretrain")
+    validate_sft(cfg.sft)
     _check(e.max_tokens >= 0, f"eval.max_tokens must be >= 0 (0 = all), got {e.max_tokens}")
     _check(e.batch_size >= 0, f"eval.batch_size must be >= 0 (0 = micro batch), got {e.batch_size}")
-    validate_sft(cfg.sft)
 
 
-def validate_training(t: TrainConfig, section: str) -> None:
-    _check(t.lr > 0, f"{section}.lr must be > 0, got {t.lr}")
 def validate_sft(t: SFTConfig) -> None:
     validate_training(t, "sft")
     _check(len(t.datasets) > 0, "sft.datasets is empty; name at least one source, "
@@ -330,6 +328,8 @@ def validate_sft(t: SFTConfig) -> None:
     _check(t.sample_tokens >= 1, f"sft.sample_tokens must be >= 1, got {t.sample_tokens}")
 
 
+def validate_training(t: TrainConfig, section: str) -> None:
+    _check(t.lr > 0, f"{section}.lr must be > 0, got {t.lr}")
     _check(t.batch_size >= 1, f"{section}.batch_size must be >= 1, got {t.batch_size}")
     _check(t.micro_batch_size >= 1, f"{section}.micro_batch_size must be >= 1, got {t.micro_batch_size}")
     _check(t.batch_size % t.micro_batch_size == 0,

@@ -133,19 +133,6 @@ def evaluate_tokens(model: torch.nn.Module, tokens: np.ndarray | Iterable[np.nda
             "loss_sum": total_loss, "seconds": time.perf_counter() - start}
 
 
-# --------------------------------------------------------------------------- text and bytes
-
-@dataclass
-class ByteCount:
-    bytes: int = 0
-    documents: int = 0
-
-
-def document_tokens(docs: Iterable[str], tokenizer: "TextTokenizer", count: ByteCount) -> Iterator[np.ndarray]:
-    """Each document's ids followed by EOS (packed as in training), counting UTF-8 bytes as it goes."""
-    batch: list[str] = []
-
-    def flush() -> Iterator[np.ndarray]:
 @torch.no_grad()
 def evaluate_examples(model: torch.nn.Module, examples: list[Any], batch_size: int, device: torch.device,
                       autocast: contextlib.AbstractContextManager | None = None, pad_id: int = 0,
@@ -199,6 +186,19 @@ def response_bytes(examples: list[Any], tokenizer: "TextTokenizer", max_tokens: 
     return total
 
 
+# --------------------------------------------------------------------------- text and bytes
+
+@dataclass
+class ByteCount:
+    bytes: int = 0
+    documents: int = 0
+
+
+def document_tokens(docs: Iterable[str], tokenizer: "TextTokenizer", count: ByteCount) -> Iterator[np.ndarray]:
+    """Each document's ids followed by EOS (packed as in training), counting UTF-8 bytes as it goes."""
+    batch: list[str] = []
+
+    def flush() -> Iterator[np.ndarray]:
         for doc, ids in zip(batch, tokenizer.encode_batch(batch)):
             count.bytes += len(doc.encode("utf-8")) + 1  # the text, and its end-of-text as one byte
             count.documents += 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,20 +16,21 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from llmctl.checkpoint import CheckpointCallback, check_run_dir, check_same_data, find_resume_point, write_text_atomic
+from llmctl.checkpoint import (CheckpointCallback, ResumePoint, check_run_dir, check_same_data, find_resume_point,
+                               write_text_atomic)
 from llmctl.config import Config
 from llmctl.data.batches import training_windows
 from llmctl.data.sources import check_sources
 from llmctl.data.store import prepare_store
 from llmctl.data.report import PrepareDisplay
-from llmctl.data.tokenizer import planned_vocab_size, resolve_tokenizer
+from llmctl.data.tokenizer import TextTokenizer, planned_vocab_size, resolve_tokenizer
 from llmctl.errors import ConfigError, LlmctlError
 from llmctl.evaluate import evaluate_tokens
 from llmctl.model import Transformer
 from llmctl.progress import MetricsCallback, ProgressCallback, RunLog
 from llmctl.runtime import autocast, resolve_device, resolve_dtype, seed_everything
 from llmctl.trackers import Reporting, check_trackers
-from llmctl.trainer import Trainer, TrainingStopped
+from llmctl.trainer import BatchSource, Callback, Trainer, TrainingStopped
 
 STAGE = "pretrain"
 
@@ -136,37 +138,62 @@ def run_pretrain(cfg: Config, console: Console, overwrite: bool = False, resume:
                                autocast(device, dtype), cfg.eval.max_tokens)
 
     # Nothing was written before this point: every input has been checked.
+    plan = make_plan(cfg)
+    intro = [f"run {cfg.run.name}: {plan.parameters:,} parameters on {device.type} "
+             f"({str(dtype).removeprefix('torch.')}), {plan.tokens_per_step:,} tokens/step "
+             f"({cfg.pretrain.batch_size} x {cfg.model.max_seq_len}, accumulation {plan.accumulation_steps}), "
+             f"{cfg.pretrain.max_steps} steps",
+             f"data: {len(train_tokens):,} train tokens, {len(val_tokens):,} validation tokens (cache {store.path})"]
+    return fit_stage(cfg, STAGE, console, model=model, batches=batches, evaluate=evaluate, tokenizer=tokenizer,
+                     data_meta=store.meta, device=device, dtype=dtype, point=point, intro=intro,
+                     overwrite=overwrite, resume_command=resume_command)
+
+
+def fit_stage(cfg: Config, stage: str, console: Console, *, model: torch.nn.Module, batches: BatchSource,
+              evaluate: Callable[[], dict[str, float]], tokenizer: TextTokenizer, data_meta: dict[str, Any],
+              device: torch.device, dtype: torch.dtype, point: ResumePoint | None, intro: list[str],
+              overwrite: bool = False, resume_command: str | None = None, seq_len: int | None = None,
+              checkpoint_extra: dict[str, Any] | None = None,
+              callbacks: Callable[[Callable[[str], None]], list[Callback]] | None = None) -> dict[str, Any]:
+    """What every training stage (pretrain, sft) shares from its first write on: the run
+    directory (deleted first with `overwrite`), config.toml, the progress display and
+    training.log, metrics.jsonl, `<run>-<stage>_*.pt` checkpoints (plus `checkpoint_extra`
+    keys), the Trainer on `getattr(cfg, stage)`, resume from `point` (its state is consumed),
+    and the one-line account of a stop. Call it only when every input has been checked.
+
+    `callbacks(say)` adds stage-specific callbacks that write through the progress display;
+    `seq_len` is the tokens one sequence counts for (default the context length)."""
+    train_cfg = getattr(cfg, stage)
+    run_dir = run_dir_of(cfg)
+    check_trackers(cfg.run.report_to)
     if overwrite and run_dir.is_dir():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / "config.toml", cfg.to_toml())
-    progress = ProgressCallback(console, RunLog(run_dir / "training.log"), title=f"{cfg.run.name} {STAGE}")
-    checkpoints = CheckpointCallback(run_dir, cfg, STAGE, tokenizer, store.meta, cfg.pretrain.keep_last)
-    reporting = Reporting(cfg, run_dir, STAGE, progress.say, progress.log.write)  # status.json, trackers, loss.png
-    trainer = Trainer(model, cfg.pretrain, batches=batches, evaluate=evaluate, device=device, dtype=dtype,
-                      seq_len=cfg.model.max_seq_len, log_every=cfg.run.log_every, compile=cfg.run.compile,
-                      callbacks=[progress, MetricsCallback(run_dir / "metrics.jsonl"), checkpoints,
-                                 *reporting.callbacks])
+    progress = ProgressCallback(console, RunLog(run_dir / "training.log"), title=f"{cfg.run.name} {stage}")
+    checkpoints = CheckpointCallback(run_dir, cfg, stage, tokenizer, data_meta, train_cfg.keep_last,
+                                     extra=checkpoint_extra)
+    reporting = Reporting(cfg, run_dir, stage, progress.say, progress.log.write)  # status.json, trackers, loss.png
+    own = [progress, MetricsCallback(run_dir / "metrics.jsonl"), checkpoints, *reporting.callbacks,
+           *(callbacks(progress.say) if callbacks else [])]
+    trainer = Trainer(model, train_cfg, batches=batches, evaluate=evaluate, device=device, dtype=dtype,
+                      seq_len=seq_len or cfg.model.max_seq_len, log_every=cfg.run.log_every, compile=cfg.run.compile,
+                      callbacks=own)
     if point is not None:
         trainer.load_state_dict(point.state)
         checkpoints.last_path = point.path
-    plan = make_plan(cfg)
-    progress.say(f"run {cfg.run.name}: {plan.parameters:,} parameters on {device.type} "
-                 f"({str(dtype).removeprefix('torch.')}), {plan.tokens_per_step:,} tokens/step "
-                 f"({cfg.pretrain.batch_size} x {cfg.model.max_seq_len}, accumulation {plan.accumulation_steps}), "
-                 f"{cfg.pretrain.max_steps} steps")
-    progress.say(f"data: {len(train_tokens):,} train tokens, {len(val_tokens):,} validation tokens "
-                 f"(cache {store.path})")
+        point.state.clear()  # free the loaded tensors: the trainer holds its own copy now
+    for line in intro:
+        progress.say(line)
     if point is not None:
         progress.say(f"resumed from {point.path.name} at step {trainer.step} ({trainer.tokens_seen:,} tokens seen)")
         for note in point.notes:
             progress.say(note)
-        point = None  # free the loaded state: the trainer holds its own copy now
     try:
         with reporting.watch(trainer):  # a stop or crash is recorded in status.json too
             summary = trainer.fit()
     except TrainingStopped as e:
-        e.explain(checkpoints.last_path, resume_command, STAGE)
+        e.explain(checkpoints.last_path, resume_command, stage)
         progress.log.write(str(e))
         raise
     finally:

@@ -215,6 +215,76 @@ DATA_ROWS = [
 ]
 
 
+
+def sft(*extra: str, run: str | None = None) -> tuple[str, ...]:
+    """An sft command from the copied run "good" (setup "run") on {user}/good.jsonl (setup "sft_files")."""
+    named = ("--run-name", run) if run else ()
+    return ("sft", "--from", "{ckpt}", "--preset", "tiny", *named, *s('sft.datasets=["jsonl:{user}/good.jsonl"]',
+                                                                      "sft.max_steps=2", "run.device=cpu"), *extra)
+
+
+SFT_ROWS = [
+    Bad("sft-no-from", ("sft", "--preset", "tiny"), 2, "no checkpoint to start from; pass --from CKPT"),
+    Bad("sft-missing-from", ("sft", "--from", "{user}/missing.pt", "--preset", "tiny"), 1, "checkpoint not found"),
+    Bad("sft-from-text-file", ("sft", "--from", "{text}", "--preset", "tiny"), 1, "not a readable checkpoint"),
+    Bad("sft-from-empty-run-dir", ("sft", "--from", "{user}/emptyrun", "--preset", "tiny"), 1,
+        "holds no llmctl checkpoint", setup=("empty_run_dir",)),
+    Bad("sft-text-spec", sft(*s('sft.datasets=["text:{text}"]')), 2, "text: files have no instruction/response",
+        setup=("run", "sft_files")),
+    Bad("sft-pretrain-corpus", sft(*s('sft.datasets=["wikitext-2-raw-v1"]')), 2, "is a pretraining corpus",
+        setup=("run", "sft_files")),
+    Bad("sft-unknown-source", sft(*s('sft.datasets=["tatsu-lab/alpacaa"]')), 2, "unknown SFT data source",
+        setup=("run", "sft_files")),
+    Bad("sft-field-in-spec", sft(*s('sft.datasets=["jsonl:{user}/good.jsonl#text"]')), 2, "drop '#text'",
+        setup=("run", "sft_files")),
+    Bad("sft-missing-file", sft(*s('sft.datasets=["jsonl:/no/such.jsonl"]')), 2, "/no/such.jsonl is not a file",
+        setup=("run", "sft_files")),
+    Bad("sft-empty-datasets", sft(*s("sft.datasets=[]")), 2, "sft.datasets is empty", setup=("run", "sft_files")),
+    Bad("sft-bad-format", sft(*s("sft.format=sharegpt")), 2, "sft.format must be one of auto, alpaca",
+        setup=("run", "sft_files")),
+    Bad("sft-lr-zero", sft(*s("sft.lr=0")), 2, "sft.lr must be > 0", setup=("run", "sft_files")),
+    Bad("sft-batch-not-divisible", sft(*s("sft.batch_size=6", "sft.micro_batch_size=4")), 2,
+        "sft.batch_size (6) must be divisible by sft.micro_batch_size (4)", setup=("run", "sft_files")),
+    Bad("sft-malformed-record", sft(*s('sft.datasets=["jsonl:{user}/bad.jsonl"]')), 1,
+        "bad.jsonl:2: message 1 has role 'wizard'", setup=("run", "sft_files")),
+    Bad("sft-broken-json-line", sft(*s('sft.datasets=["jsonl:{user}/broken.jsonl"]')), 1,
+        "broken.jsonl line 3 is not valid JSON", setup=("run", "sft_files")),
+    Bad("sft-json-not-array", sft(*s('sft.datasets=["json:{user}/object.json"]')), 1, "not an array of records",
+        setup=("run", "sft_files")),
+    Bad("sft-wrong-explicit-format", sft(*s("sft.format=alpaca")), 1, "good.jsonl:1: no 'instruction' field",
+        setup=("run", "sft_files")),
+    Bad("sft-only-empty-replies", sft(*s('sft.datasets=["jsonl:{user}/empty.jsonl"]')), 1,
+        "SFT needs at least 2 usable records", setup=("run", "sft_files")),
+    Bad("sft-model-from-checkpoint", sft(*s("model.d_model=64")), 2,
+        "sft takes [model] and [data] from the --from checkpoint, where model.d_model = 32", setup=("run", "sft_files")),
+    Bad("sft-into-base-run-dir", sft(run="good"), 2, "is the run directory of the --from checkpoint",
+        setup=("run", "sft_files")),
+    Bad("sft-resume-nothing", sft("--resume", run="never"), 1, "nothing to resume", setup=("run", "sft_files")),
+    Bad("sft-hub-unreachable", sft(*s('sft.datasets=["databricks/databricks-dolly-15k:100"]')), 1,
+        "cannot reach the Hugging Face Hub", setup=("run", "sft_files"), env=(("HF_ENDPOINT", "http://127.0.0.1:9"),)),
+    Bad("sft-bad-record-subprocess", sft(*s('sft.datasets=["jsonl:{user}/bad.jsonl"]')), 1, "bad.jsonl:2",
+        setup=("run", "sft_files"), subprocess=True),
+    Bad("inspect-index-too-large", ("data", "inspect", "--sft", "jsonl:{user}/good.jsonl", "-i", "99", "-c", "{ckpt}"),
+        2, "has fewer than 100 records", setup=("run", "sft_files")),
+    Bad("inspect-negative-index", ("data", "inspect", "--sft", "jsonl:{user}/good.jsonl", "-i", "-1", "-c", "{ckpt}"),
+        2, "--index -1 must be >= 0", setup=("run", "sft_files")),
+    Bad("inspect-malformed-record", ("data", "inspect", "--sft", "jsonl:{user}/bad.jsonl", "-i", "1", "-c", "{ckpt}"),
+        1, "bad.jsonl:2: message 1 has role 'wizard'", setup=("run", "sft_files")),
+    Bad("inspect-empty-reply", ("data", "inspect", "--sft", "jsonl:{user}/empty.jsonl", "-c", "{ckpt}"), 1,
+        "training skips this record", setup=("run", "sft_files")),
+]
+PIPELINE_ROWS = [
+    Bad("pipeline-unknown-key", ("pipeline", "--preset", "tiny", *s("sft.lrr=1")), 2, "did you mean 'sft.lr'?"),
+    Bad("pipeline-sft-text-spec", ("pipeline", "--preset", "tiny", *s('sft.datasets=["text:{text}"]')), 2,
+        "text: files have no instruction/response"),
+    Bad("pipeline-missing-data", ("pipeline", "--preset", "tiny", *s('data.datasets=["text:/no/such.txt"]')), 2,
+        "/no/such.txt is not a file"),
+    Bad("pipeline-missing-sft-file", ("pipeline", "--preset", "tiny", *s('data.datasets=["text:{text}"]',
+                                                                         'sft.datasets=["jsonl:/no/such.jsonl"]')), 2,
+        "/no/such.jsonl is not a file"),
+]
+
+
 def _registered(command: str) -> bool:
     import typer.main
 
@@ -222,7 +292,8 @@ def _registered(command: str) -> bool:
     return command in group.commands
 
 
-ROWS += [r for rows, command in ((EVAL_ROWS, "eval"), (GENERATE_ROWS, "generate"), (DATA_ROWS, "data"))
+ROWS += [r for rows, command in ((EVAL_ROWS, "eval"), (GENERATE_ROWS, "generate"), (DATA_ROWS, "data"),
+                                  (SFT_ROWS, "sft"), (PIPELINE_ROWS, "pipeline"))
          if _registered(command) for r in rows]
 
 
@@ -278,7 +349,22 @@ SETUPS: dict[str, Callable[[Files], None]] = {
     "weights_only_checkpoints": lambda f: _rewrite_checkpoints(f, lambda d: {k: v for k, v in d.items() if k != "optimizer"}),
     "checkpoint_files": lambda f: _checkpoint_files(f),
     "empty_run_dir": lambda f: (f.user / "emptyrun").mkdir(),
+    "sft_files": lambda f: _sft_files(f),
 }
+
+
+def _sft_files(f: Files) -> None:
+    """good.jsonl (prompt/response), bad.jsonl (a wrong role on line 2), broken.jsonl (line 3 is not
+    JSON), object.json (not an array), empty.jsonl (every reply empty)."""
+    import json
+
+    good = [{"prompt": f"Say {i}.", "response": f"{i}."} for i in range(3)]
+    (f.user / "good.jsonl").write_text("".join(json.dumps(r) + "\n" for r in good))
+    bad = [good[0], {"messages": [{"role": "user", "content": "hi"}, {"role": "wizard", "content": "x"}]}]
+    (f.user / "bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in bad))
+    (f.user / "broken.jsonl").write_text(json.dumps(good[0]) + "\n\n{\"prompt\": \"x\",\n")
+    (f.user / "object.json").write_text(json.dumps({"data": good}))
+    (f.user / "empty.jsonl").write_text("".join(json.dumps({"instruction": "x", "output": ""}) + "\n" for _ in range(3)))
 
 
 def _checkpoint_files(f: Files) -> None:

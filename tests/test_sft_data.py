@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from llmctl.data.sft import (IGNORE, ChatTemplate, encode_example, prompt_ids, read_records, render_segments,
-                             to_messages)
+from llmctl.data.sft import (IGNORE, ChatTemplate, ExampleBatches, encode_example, encode_examples, pad_batch,
+                             prompt_ids, read_records, render_segments, to_messages)
 from llmctl.data.tokenizer import load_tokenizer
 from llmctl.errors import LlmctlError
 
@@ -105,3 +105,56 @@ def test_dolly_file_reads_with_line_numbers(tmp_path):
     arr = tmp_path / "a.json"
     arr.write_text(json.dumps([{"instruction": "i", "output": "o"}]))
     assert [r for _, r in read_records(arr, "json")] == [{"instruction": "i", "output": "o"}]
+
+
+@pytest.mark.parametrize("record, expected", [
+    ({"instruction": "Name a city.", "context": "In France.", "response": "Paris", "category": "open_qa"},
+     [("user", "Name a city.\n\nIn France."), ("assistant", "Paris")]),  # Dolly on the Hub
+    ({"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hey"}]},
+     [("user", "Hi"), ("assistant", "Hey")]),  # ShareGPT
+    ({"text": "Be kind. ### Human: a ### Assistant: b ### Human: c ### Assistant: d"},
+     [("system", "Be kind."), ("user", "a"), ("assistant", "b"), ("user", "c"), ("assistant", "d")]),
+])
+def test_more_shapes_parse(record, expected):
+    assert to_messages(record) == expected
+
+
+def test_padded_batch_ignores_prompt_and_padding_targets_and_counts_every_reply_token(tok):
+    """The rendered mask end to end: in (x, y) every target of a prompt or padding position is
+    IGNORE, every reply token and its end-of-text is a target, nothing else."""
+    convs = [[("user", "What is 2 + 2?"), ("assistant", "Four.")],
+             [("system", "Be brief."), ("user", "Name a colour."), ("assistant", "Blue, or perhaps green.")]]
+    examples = encode_examples(convs, ChatTemplate(), tok, max_len=256)
+    assert examples == [encode_example(c, ChatTemplate(), tok, 256) for c in convs]  # batched = one by one
+    x, y = pad_batch(examples, pad_id=tok.eos_id)
+    for row, (conv, ex) in enumerate(zip(convs, examples)):
+        prompt = prompt_ids(conv[:-1], ChatTemplate(), tok)
+        reply = tok.encode(" " + conv[-1][1]) + [tok.eos_id]
+        n = len(ex.input_ids)
+        assert x[row, :n].tolist() == prompt + reply[:-1]
+        assert y[row, : len(prompt) - 1].eq(IGNORE).all()  # targets inside the prompt
+        assert y[row, len(prompt) - 1: n].tolist() == reply  # every reply token counts
+        assert y[row, n:].eq(IGNORE).all() and x[row, n:].eq(tok.eos_id).all()  # padding
+    assert int((y != IGNORE).sum()) == sum(len(tok.encode(" " + c[-1][1])) + 1 for c in convs)
+
+
+def test_example_batches_resume_exactly():
+    from llmctl.data.sft import Example
+
+    examples = [Example([i, i + 1], [IGNORE, i + 2], False) for i in range(7)]
+    a = ExampleBatches(examples, 3, 0, seed=5)
+    for _ in range(4):  # into the second epoch
+        a.next_batch()
+    b = ExampleBatches(examples, 3, 0, seed=99)
+    b.load_state_dict(a.state_dict())
+    for _ in range(5):
+        xa, ya = a.next_batch()
+        xb, yb = b.next_batch()
+        assert xa.equal(xb) and ya.equal(yb)
+
+
+def test_held_out_split_is_fixed_and_disjoint():
+    from llmctl.data.sft import held_out_indices
+
+    assert held_out_indices(400, 0.05) == held_out_indices(400, 0.05) and len(held_out_indices(400, 0.05)) == 20
+    assert held_out_indices(1, 0.05) == set() and len(held_out_indices(3, 0.05)) == 1

@@ -1,0 +1,295 @@
+"""`llmctl pipeline`: data -> pretrain -> sft -> eval -> samples, the recommended path, as library calls.
+
+Each stage is the same library call its own command makes, and each is skipped when its
+output exists and is complete, so running the same command again resumes where it stopped:
+
+    data      the cached pretraining token store (`prepare_data`: reused, resumed or built)
+    pretrain  <out>/<run>/<run>-pretrain_final.pt at pretrain.max_steps; step checkpoints
+              without one (or a final short of max_steps) -> resumed with `run_pretrain`
+    sft       <out>/<run>-sft/<run>-sft-sft_final.pt at sft.max_steps, trained from that
+              pretrain final; likewise resumed; redone when the pretrain final has changed
+    eval      pretrain: loss, perplexity and bits per byte on its validation split (the first
+              eval.max_tokens tokens); sft: response-only loss, perplexity and bits per byte
+              on its held-out conversations
+    samples   a greedy continuation from the pretrained model, a greedy answer from the SFT
+              model (through its chat template)
+
+What the pipeline knows lives in `<out>/<run>/pipeline.json` (written atomically after each
+stage): which pretrain checkpoint the SFT stage started from, and the eval and sample
+results with the identity (size, mtime) of the checkpoints they describe, so a rerun repeats
+them only for new weights. A finished stage whose saved config differs from this run's in
+a key that changes what is trained is refused with one line (as `--resume` refuses it).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shlex
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from llmctl.checkpoint import resume_config_changes, step_checkpoints
+from llmctl.config import Config
+from llmctl.data.sources import check_sources
+from llmctl.data.sft import check_sft_sources
+from llmctl.errors import ConfigError, LlmctlError
+from llmctl.pretrain import run_dir_of, run_pretrain
+
+RECORD = "pipeline.json"
+STAGES = ("data", "pretrain", "sft", "eval", "samples")
+
+
+def pipeline_command(preset: str, overrides: list[str] | None, run_name: str) -> str:
+    sets = [a for o in overrides or [] for a in ("--set", o)]
+    return shlex.join(["llmctl", "pipeline", "--preset", preset, "--run-name", run_name, *sets])
+
+
+# --------------------------------------------------------------------------- what is on disk
+
+def identity(path: Path) -> list[Any]:
+    """What tells one checkpoint file from another version of it: name, size, mtime."""
+    st = path.stat()
+    return [str(path), st.st_size, st.st_mtime_ns]
+
+
+def peek(path: Path) -> dict[str, Any] | None:
+    """A checkpoint's plain values without reading its tensors (memory-mapped, weights_only);
+    None when the file cannot be read as an llmctl checkpoint."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # damaged or foreign: the stage's own resume logic reports it
+        return None
+    return payload if isinstance(payload, dict) and payload.get("kind") == "llmctl-checkpoint" else None
+
+
+def stage_state(run_dir: Path, run_name: str, stage: str, max_steps: int) -> tuple[str, dict[str, Any] | None]:
+    """("complete", final payload) when the final checkpoint reached max_steps; ("partial",
+    None) when checkpoints exist to resume from; ("none", None) otherwise."""
+    final = run_dir / f"{run_name}-{stage}_final.pt"
+    payload = peek(final) if final.is_file() else None
+    if payload is not None and int(payload.get("step", -1)) >= max_steps:
+        return "complete", payload
+    if final.is_file() or step_checkpoints(run_dir, stage):
+        return "partial", None
+    return "none", None
+
+
+def check_finished_config(payload: dict[str, Any], cfg: Config, stage: str, run_dir: Path) -> None:
+    """A finished stage may be reused only if it trained what this config asks for."""
+    current = cfg.to_dict()
+    saved_vocab = payload["config"].get("model", {}).get("vocab_size")
+    if current["model"]["vocab_size"] == 0 and saved_vocab:
+        current["model"]["vocab_size"] = saved_vocab  # 0 means "the tokenizer's", which it resolved to
+    try:
+        resume_config_changes(payload["config"], current, stage)
+    except ConfigError as e:
+        detail = str(e).removeprefix("cannot resume: ").split("; pass the original", 1)[0]
+        raise ConfigError(f"the finished {stage} stage in {run_dir} was trained with another config: {detail}; "
+                          f"pass the original preset and --set values, or another --run-name") from None
+
+
+def read_record(run_dir: Path) -> dict[str, Any]:
+    try:
+        record = json.loads((run_dir / RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def write_record(run_dir: Path, record: dict[str, Any]) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / f".{RECORD}.tmp"
+    tmp.write_text(json.dumps(record, indent=1), encoding="utf-8")
+    os.replace(tmp, run_dir / RECORD)
+
+
+# --------------------------------------------------------------------------- eval and samples
+
+def score_pretrain(path: Path, cfg: Config) -> dict[str, Any]:
+    """Loss, perplexity, bits per byte of a pretrain checkpoint on its run's validation split
+    (its first eval.max_tokens targets), scored by llmctl.evaluate."""
+    from llmctl.data.store import prepare_store
+    from llmctl.evaluate import bits_per_byte, evaluate_tokens, stream_bytes
+    from llmctl.loading import load_model
+    from llmctl.runtime import autocast
+
+    loaded = load_model(path, device=cfg.run.device, dtype="float32")
+    tokens = prepare_store(loaded.config.data, loaded.tokenizer).tokens("validation")
+    if cfg.eval.max_tokens:
+        tokens = tokens[: cfg.eval.max_tokens + 1]
+    result = evaluate_tokens(loaded.model, tokens, loaded.context_length, loaded.eval_batch_size, loaded.device,
+                             autocast(loaded.device, loaded.dtype))
+    n_bytes = stream_bytes(np.asarray(tokens), loaded.tokenizer)
+    return {"what": "validation split", "loss": result["loss"], "perplexity": result["perplexity"],
+            "bits_per_byte": bits_per_byte(result["loss_sum"], n_bytes), "tokens": result["tokens"]}
+
+
+def score_sft(path: Path, cfg: Config) -> dict[str, Any]:
+    """Response-only loss, perplexity and bits per byte of an SFT checkpoint on its held-out
+    conversations (the same split its training evaluated)."""
+    from llmctl.data.sft import ChatTemplate, encode_examples, load_sft_data
+    from llmctl.evaluate import bits_per_byte, evaluate_examples, response_bytes
+    from llmctl.loading import load_model
+    from llmctl.runtime import autocast
+
+    loaded = load_model(path, device=cfg.run.device, dtype="float32")
+    s = loaded.config.sft
+    data = load_sft_data(s.datasets, s.format, s.validation_fraction)
+    template = ChatTemplate.from_state(loaded.template) if loaded.template else ChatTemplate()
+    examples = encode_examples(data.validation, template, loaded.tokenizer, loaded.context_length)
+    result = evaluate_examples(loaded.model, examples, loaded.config.eval.batch_size or s.micro_batch_size,
+                               loaded.device, autocast(loaded.device, loaded.dtype), loaded.tokenizer.eos_id,
+                               cfg.eval.max_tokens)
+    n_bytes = response_bytes(examples, loaded.tokenizer, cfg.eval.max_tokens)
+    return {"what": f"responses of {len(examples)} held-out conversations", "loss": result["loss"],
+            "perplexity": result["perplexity"], "bits_per_byte": bits_per_byte(result["loss_sum"], n_bytes),
+            "tokens": result["tokens"]}
+
+
+def make_samples(pretrain_path: Path, sft_path: Path, cfg: Config) -> dict[str, dict[str, str]]:
+    """A greedy continuation of held-out text by the pretrained model, and a greedy answer to
+    the first held-out instruction by the SFT model (its template applied by `complete`)."""
+    from llmctl.data.sft import load_sft_data
+    from llmctl.data.store import prepare_store
+    from llmctl.generate import complete
+    from llmctl.loading import load_model
+
+    n = cfg.sft.sample_tokens
+    pre = load_model(pretrain_path, device=cfg.run.device, dtype="float32")
+    val = prepare_store(pre.config.data, pre.tokenizer).tokens("validation")
+    head = [t for t in np.asarray(val[:16]).tolist() if t != pre.tokenizer.eos_id][:8]
+    prompt = pre.tokenizer.decode(head) or "The"
+    samples = {"pretrain": {"prompt": prompt,
+                            "text": complete(pre, prompt, temperature=0.0, max_new_tokens=n, seed=0).text}}
+    tuned = load_model(sft_path, device=cfg.run.device, dtype="float32")
+    s = tuned.config.sft
+    held = load_sft_data(s.datasets, s.format, s.validation_fraction).validation
+    question = next((c for role, c in held[0] if role == "user"), "Hello") if held else "Hello"
+    samples["sft"] = {"prompt": question, "text": complete(tuned, question, temperature=0.0, max_new_tokens=n,
+                                                           seed=0).text}
+    return samples
+
+
+# --------------------------------------------------------------------------- the pipeline
+
+def run_pipeline(cfg: Config, console: Console, overrides: list[str] | None = None,
+                 command: str | None = None) -> dict[str, Any]:
+    """Run every stage that is not complete; returns the summary (`summary_rows` renders it)."""
+    from llmctl.data.report import prepare_data
+    from llmctl.sft import load_base, run_sft, sft_config
+
+    check_sources(cfg.data.datasets)  # every spec and file checked before hours of pretraining
+    check_sft_sources(cfg.sft.datasets)
+    say = lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
+    name = cfg.run.name
+    run_dir = run_dir_of(cfg)
+    record = read_record(run_dir)
+    status: dict[str, str] = {}
+
+    # ---- data
+    say(f"pipeline {name}: stage data")
+    data = prepare_data(cfg.data, console)
+    status["data"] = "skipped (cached)" if data["reused"] else "ran"
+
+    # ---- pretrain
+    state, payload = stage_state(run_dir, name, "pretrain", cfg.pretrain.max_steps)
+    if state == "complete":
+        check_finished_config(payload, cfg, "pretrain", run_dir)
+        status["pretrain"] = "skipped (complete)"
+        say(f"pipeline {name}: stage pretrain is complete ({run_dir / f'{name}-pretrain_final.pt'})")
+    else:
+        say(f"pipeline {name}: stage pretrain ({'resuming' if state == 'partial' else 'from scratch'})")
+        run_pretrain(cfg, console, resume=state == "partial", resume_command=command)
+        status["pretrain"] = "resumed" if state == "partial" else "ran"
+    pre_final = run_dir / f"{name}-pretrain_final.pt"
+    pre_payload = peek(pre_final)
+    if pre_payload is None:
+        raise LlmctlError(f"the pretrain stage left no readable {pre_final}; run the same command again")
+
+    # ---- sft
+    from llmctl.config import config_from_dict
+
+    user = copy.deepcopy(cfg)
+    user.run.name, user.sft.from_ = f"{name}-sft", str(pre_final)
+    sft_cfg = sft_config(user, config_from_dict(pre_payload["config"]), overrides)
+    sft_dir = run_dir_of(sft_cfg)
+    sft_final = sft_dir / f"{sft_cfg.run.name}-sft_final.pt"
+    state, payload = stage_state(sft_dir, sft_cfg.run.name, "sft", sft_cfg.sft.max_steps)
+    stale = record.get("sft_base") not in (None, identity(pre_final))
+    if stale and state != "none":
+        say(f"pipeline {name}: the pretrain checkpoint changed since the sft stage ran; training sft again")
+    if state == "complete" and not stale:
+        check_finished_config(payload, sft_cfg, "sft", sft_dir)
+        status["sft"] = "skipped (complete)"
+        say(f"pipeline {name}: stage sft is complete ({sft_final})")
+    else:
+        resume = state == "partial" and not stale
+        say(f"pipeline {name}: stage sft ({'resuming' if resume else 'from ' + pre_final.name})")
+        run_sft(sft_cfg, load_base(str(pre_final)), console, overwrite=state != "none" and not resume,
+                resume=resume, resume_command=command)
+        status["sft"] = "resumed" if resume else "ran"
+        record["sft_base"] = identity(pre_final)
+        write_record(run_dir, record)
+    sft_payload = peek(sft_final)
+    if sft_payload is None:
+        raise LlmctlError(f"the sft stage left no readable {sft_final}; run the same command again")
+
+    # ---- eval and samples: repeated only for new weights
+    ids = {"pretrain": identity(pre_final), "sft": identity(sft_final)}
+    if record.get("eval", {}).get("checkpoints") == ids:
+        status["eval"] = "skipped (done for these checkpoints)"
+    else:
+        say(f"pipeline {name}: stage eval")
+        record["eval"] = {"checkpoints": ids, "pretrain": score_pretrain(pre_final, cfg),
+                          "sft": score_sft(sft_final, sft_cfg)}
+        write_record(run_dir, record)
+        status["eval"] = "ran"
+    if record.get("samples", {}).get("checkpoints") == ids:
+        status["samples"] = "skipped (done for these checkpoints)"
+    else:
+        say(f"pipeline {name}: stage samples")
+        record["samples"] = {"checkpoints": ids, **make_samples(pre_final, sft_final, sft_cfg)}
+        write_record(run_dir, record)
+        status["samples"] = "ran"
+
+    stages = {
+        "data": {"status": status["data"], "tokens": data["totals"].get("train", {}).get("tokens"),
+                 "path": data["path"]},
+        **{stage: {"status": status[stage], "steps": int(p["step"]), "tokens": int(p.get("tokens_seen", 0)),
+                   "checkpoint": str(path), **{k: record["eval"][stage][k] for k in
+                                               ("loss", "perplexity", "bits_per_byte", "what")},
+                   "sample": record["samples"][stage]}
+           for stage, p, path in (("pretrain", pre_payload, pre_final), ("sft", sft_payload, sft_final))},
+        "eval": {"status": status["eval"]},
+        "samples": {"status": status["samples"]},
+    }
+    return {"run": name, "run_dir": str(run_dir), "sft_run_dir": str(sft_dir), "record": str(run_dir / RECORD),
+            "stages": stages}
+
+
+def render_summary(summary: dict[str, Any], console: Console) -> None:
+    """One row per stage: status, steps, tokens, held-out loss / perplexity / bits per byte,
+    checkpoint, a sample."""
+    from rich.table import Table
+
+    table = Table(title=f"pipeline {summary['run']}")
+    for column in ("stage", "status", "steps", "tokens", "val loss", "ppl", "bits/byte", "checkpoint", "sample"):
+        table.add_column(column, justify="right" if column in ("steps", "tokens", "val loss", "ppl", "bits/byte")
+                         else "left", overflow="fold")
+    for stage in STAGES:
+        row = summary["stages"][stage]
+        num = lambda key, fmt: format(row[key], fmt) if row.get(key) is not None else ""  # noqa: E731
+        sample = row.get("sample")
+        shown = f"{sample['prompt']!r} -> {sample['text']!r}" if sample else ""
+        table.add_row(stage, row["status"], num("steps", ","), num("tokens", ","), num("loss", ".4f"),
+                      num("perplexity", ".2f"), num("bits_per_byte", ".4f"), row.get("checkpoint") or row.get("path")
+                      or "", shown[:160])
+    console.print(table)
+    console.print(f"val loss: pretrain on its validation split, sft on held-out responses only; "
+                  f"details in {summary['record']}", markup=False, highlight=False)

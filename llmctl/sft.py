@@ -1,0 +1,365 @@
+"""`llmctl sft`: instruction-tune a checkpoint with the same trainer, callbacks and run rules as pretraining.
+
+Flow: config -> the `--from` checkpoint (weights, model config, tokenizer, and its chat
+template when it is already an SFT model) -> conversations (`llmctl.data.sft`) -> examples
+with response-only labels -> `llmctl.pretrain.fit_stage` with `ExampleBatches` and a
+response-only evaluation (`llmctl.evaluate.evaluate_examples`). Only the batches (ignored
+prompt and padding targets) and the starting weights differ from pretraining.
+
+Config. `[model]` and `[data]` describe the weights and the tokenizer, so they come from the
+checkpoint; a preset's own `[model]` (meant for pretraining) is ignored, and an explicit
+`--set model.*` or `data.*` that contradicts the checkpoint is an error (except
+`model.gradient_checkpointing` and `data.cache_dir`, which change how, not what, is trained).
+`[sft]` holds the data and training keys; `[run]` and `[eval]` are the user's.
+
+Run directory. An SFT run is a run like any other: `<output_dir>/<run_name>/` with
+config.toml, training.log, metrics.jsonl and `<run_name>-sft_step{N}.pt` /
+`<run_name>-sft_final.pt`, the same refusal to start over checkpoints, `--overwrite` and
+`--resume` rules. The default name is the base run's name plus `-sft`; a name whose
+directory holds the `--from` checkpoint is refused (overwriting it would delete the base).
+
+Every checkpoint stores the chat template (`template`, a plain dict) and the tokenizer,
+so `llmctl generate` renders a plain prompt exactly as training did. The trainer counts
+each sequence as the mean example length (not the padded context), so tokens and tokens/s
+are real tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import shlex
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from llmctl.checkpoint import (check_run_dir, check_same_data, find_resume_point, load_checkpoint, resolve_checkpoint,
+                               step_checkpoints)
+from llmctl.config import Config, config_from_dict, find_preset, load_config, parse_override, read_toml, validate
+from llmctl.data.sft import (IGNORE, ChatTemplate, Example, ExampleBatches, Message, SFTData, conversation,
+                             encode_example, encode_examples, load_sft_data, prompt_ids, record_at)
+from llmctl.data.tokenizer import TextTokenizer
+from llmctl.errors import ConfigError, LlmctlError
+from llmctl.evaluate import evaluate_examples
+from llmctl.model import Transformer
+from llmctl.pretrain import fit_stage, run_dir_of
+from llmctl.runtime import autocast, resolve_device, resolve_dtype, seed_everything
+from llmctl.trainer import Callback, Trainer
+
+STAGE = "sft"
+# Keys of [model] and [data] a user may set for SFT: they change how the run computes or
+# where it caches, not the weights or the tokenizer the checkpoint fixes.
+FREE_KEYS = {"model.gradient_checkpointing", "data.cache_dir"}
+
+
+# --------------------------------------------------------------------------- the base checkpoint
+
+def resolve_base(source: str) -> Path:
+    """A checkpoint file, or a run directory: its pretrain final, else newest pretrain step,
+    else whatever `resolve_checkpoint` picks (an SFT run's final, to tune further)."""
+    if not source:
+        raise ConfigError("no checkpoint to start from; pass --from CKPT (a pretrain checkpoint or run "
+                          "directory), or set sft.from")
+    path = Path(source).expanduser()
+    if path.is_dir():
+        finals = sorted(path.glob("*-pretrain_final.pt"))
+        if finals:
+            return finals[-1]
+        steps = step_checkpoints(path, "pretrain")
+        if steps:
+            return steps[-1][1]
+    if not path.exists():
+        raise LlmctlError(f"checkpoint not found: {source}; pass --from a .pt file or a run directory "
+                          f"(e.g. experiments/runs/NAME)")
+    return resolve_checkpoint(path)
+
+
+@dataclass
+class Base:
+    """The checkpoint SFT starts from, loaded once (weights are dropped after use)."""
+
+    path: Path
+    config: Config
+    tokenizer: TextTokenizer
+    template: ChatTemplate
+    weights: dict[str, Any] | None
+
+
+def load_base(source: str) -> Base:
+    path = resolve_base(source)
+    payload = load_checkpoint(path)
+    missing = [k for k in ("config", "tokenizer", "model") if k not in payload]
+    if missing:
+        raise LlmctlError(f"{path} lacks {', '.join(missing)}; sft starts from a checkpoint written by "
+                          f"llmctl pretrain or sft")
+    template = ChatTemplate.from_state(payload["template"]) if "template" in payload else ChatTemplate()
+    return Base(path, config_from_dict(payload["config"]), TextTokenizer.from_state(payload["tokenizer"]),
+                template, payload["model"])
+
+
+# --------------------------------------------------------------------------- config
+
+def sft_config(user: Config, base: Config, overrides: list[str] | None = None) -> Config:
+    """The run's config: [model] and [data] from the base checkpoint, the rest from the user.
+    An override of a model/data key that contradicts the checkpoint raises ConfigError."""
+    for item in overrides or []:
+        key, _ = parse_override(item)
+        section, name = key.split(".", 1)
+        if section not in ("model", "data") or key in FREE_KEYS:
+            continue
+        mine, theirs = getattr(getattr(user, section), name, None), getattr(getattr(base, section), name, None)
+        if mine != theirs and not (key == "model.vocab_size" and mine == 0):
+            raise ConfigError(f"--set {key}={mine!r}: sft takes [model] and [data] from the --from checkpoint, "
+                              f"where {key} = {theirs!r}; drop this --set (SFT data goes in sft.datasets)")
+    cfg = copy.deepcopy(user)
+    cfg.model = dataclasses.replace(base.model, gradient_checkpointing=user.model.gradient_checkpointing)
+    cfg.data = dataclasses.replace(base.data, cache_dir=user.data.cache_dir)
+    cfg.pretrain = copy.deepcopy(base.pretrain)  # what trained the base, kept for the record
+    validate(cfg)
+    return cfg
+
+
+def names_run(preset: str | None, overrides: list[str] | None, run_name: str | None) -> bool:
+    if run_name is not None or any(parse_override(o)[0] == "run.name" for o in overrides or []):
+        return True
+    return bool(preset) and bool(read_toml(find_preset(preset)).get("run", {}).get("name"))
+
+
+def load_sft_config(preset: str | None, overrides: list[str] | None, run_name: str | None,
+                    from_: str | None, resume: bool = False) -> tuple[Config, Base]:
+    """`llmctl sft`'s options -> (the run's config, the base checkpoint). Without --from,
+    sft.from is used; resuming a named run without either, its config.toml says where it began."""
+    user = load_config(preset, overrides, run_name)
+    if from_:
+        user.sft.from_ = from_
+    named = names_run(preset, overrides, run_name)
+    if not user.sft.from_ and resume and named:
+        saved = run_dir_of(user) / "config.toml"
+        if saved.is_file():
+            user.sft.from_ = read_toml(saved).get("sft", {}).get("from", "")
+    base = load_base(user.sft.from_)
+    user.sft.from_ = str(base.path)  # the file, not the run directory: the config says what it started from
+    if not named:
+        user.run.name = f"{base.config.run.name}-sft"
+    cfg = sft_config(user, base.config, overrides)
+    if base.path.resolve().parent == run_dir_of(cfg).resolve():
+        raise ConfigError(f"run name '{cfg.run.name}' is the run directory of the --from checkpoint "
+                          f"{base.path}; choose another --run-name (the default is '{base.config.run.name}-sft')")
+    return cfg, base
+
+
+def resume_command(from_: str, preset: str | None, overrides: list[str] | None, run_name: str) -> str:
+    sets = [a for o in overrides or [] for a in ("--set", o)]
+    preset_args = ["--preset", preset] if preset else []
+    return shlex.join(["llmctl", "sft", "--from", from_, *preset_args, "--run-name", run_name, *sets, "--resume"])
+
+
+# --------------------------------------------------------------------------- samples in the log
+
+def _short(text: str, width: int) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+def greedy_answer(model: torch.nn.Module, ids: list[int], tokenizer: TextTokenizer, max_new_tokens: int,
+                  context_length: int, dtype: torch.dtype) -> str:
+    """The model's greedy reply to an encoded prompt (stops at end-of-text); no RNG is used."""
+    from llmctl.generate import Sampling, token_stream
+
+    was_training = model.training
+    model.eval()
+    try:
+        new = list(token_stream(model, ids, Sampling(max_new_tokens=max_new_tokens, temperature=0.0),
+                                torch.Generator(), context_length=context_length, eos_id=tokenizer.eos_id,
+                                dtype=dtype))
+    finally:
+        model.train(was_training)
+    return tokenizer.decode(new).strip()
+
+
+class SampleCallback(Callback):
+    """At every evaluation, greedy answers to a few fixed held-out prompts, written to the log."""
+
+    def __init__(self, prompts: list[list[Message]], template: ChatTemplate, tokenizer: TextTokenizer,
+                 max_new_tokens: int, context_length: int, dtype: torch.dtype, say: Callable[[str], None]):
+        self.prompts = [(p[-1][1], prompt_ids(p, template, tokenizer)) for p in prompts]
+        self.tokenizer, self.max_new_tokens = tokenizer, max_new_tokens
+        self.context_length, self.dtype, self.say = context_length, dtype, say
+        self.last: list[dict[str, str]] = []
+
+    def on_eval(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        self.last = []
+        for question, ids in self.prompts:
+            answer = greedy_answer(trainer.model, ids, self.tokenizer, self.max_new_tokens, self.context_length,
+                                   self.dtype)
+            self.last.append({"prompt": question, "answer": answer})
+            self.say(f"sample step {record['step']} | {_short(question, 60)} -> {json.dumps(_short(answer, 120))}")
+
+
+def sample_prompts(validation: list[list[Message]], count: int) -> list[list[Message]]:
+    """The conversation up to its last reply, for the first `count` held-out conversations."""
+    prompts = []
+    for messages in validation[:count]:
+        last = max(i for i, (role, _) in enumerate(messages) if role == "assistant")
+        prompts.append(messages[:last])
+    return [p for p in prompts if p]
+
+
+# --------------------------------------------------------------------------- the command
+
+def _data_line(data: SFTData, train: list[Example], truncated: int, max_len: int) -> str:
+    trained = sum(sum(label != IGNORE for label in e.labels) for e in train)
+    tokens = sum(len(e.input_ids) for e in train)
+    held = "; ".join(f"{s['spec']}: {s['train']:,} train, {s['held_out']}" for s in data.sources)
+    line = (f"data: {len(data.train):,} training and {len(data.validation):,} held-out conversations ({held}); "
+            f"{tokens:,} training tokens, {trained:,} of them response tokens with loss")
+    if truncated:
+        line += f"; {truncated:,} longer than the context ({max_len}) truncated on the reply side"
+    if data.skipped:
+        line += f"; {data.skipped:,} records with an empty reply skipped (first: {data.first_skipped})"
+    return line
+
+
+def run_sft(cfg: Config, base: Base, console: Console, overwrite: bool = False, resume: bool = False,
+            resume_command: str | None = None) -> dict[str, Any]:
+    """Fine-tune `base` on cfg.sft.datasets, or with `resume` continue the run's newest SFT
+    checkpoint; returns fit_stage's summary plus example counts and the last logged samples."""
+    run_dir = run_dir_of(cfg)
+    check_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    device = resolve_device(cfg.run.device)
+    dtype = resolve_dtype(cfg.run.dtype, device)
+    tokenizer, template = base.tokenizer, base.template
+    point = find_resume_point(run_dir, STAGE, cfg, tokenizer) if resume else None
+    if point is not None and "template" in point.state:
+        template = ChatTemplate.from_state(point.state["template"])  # what this run has trained with
+    say = lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
+    say(f"data: reading {', '.join(cfg.sft.datasets)} (format {cfg.sft.format})")
+    data = load_sft_data(cfg.sft.datasets, cfg.sft.format, cfg.sft.validation_fraction)
+    if not data.train or not data.validation:
+        raise LlmctlError(f"sft.datasets gave {len(data.train)} training and {len(data.validation)} held-out "
+                          f"conversations; SFT needs at least 2 usable records (check the files and caps)")
+    max_len = cfg.model.max_seq_len
+    train = encode_examples(data.train, template, tokenizer, max_len)
+    validation = encode_examples(data.validation, template, tokenizer, max_len)
+    truncated = sum(e.truncated for e in train)
+    meta = {"sources": data.sources,
+            "tokens": {"train": sum(len(e.input_ids) for e in train),
+                       "validation": sum(len(e.input_ids) for e in validation)}}
+    if point is not None:
+        check_same_data(point, meta)
+
+    seed_everything(cfg.run.seed)
+    model = Transformer(cfg.model)
+    if point is None:
+        try:
+            model.load_state_dict(base.weights)
+        except RuntimeError as e:
+            raise LlmctlError(f"{base.path}: its weights do not fit its own config "
+                              f"({str(e).splitlines()[0]})") from None
+    base.weights = None  # the model holds them now
+    model.to(device)
+    batches = ExampleBatches(train, cfg.sft.micro_batch_size, tokenizer.eos_id, cfg.run.seed)
+    eval_batch = cfg.eval.batch_size or cfg.sft.micro_batch_size
+
+    def evaluate() -> dict[str, float]:
+        return evaluate_examples(model, validation, eval_batch, device, autocast(device, dtype),
+                                 tokenizer.eos_id, cfg.eval.max_tokens)
+
+    samples: list[SampleCallback] = []
+
+    def callbacks(say_line: Callable[[str], None]) -> list[Callback]:
+        prompts = sample_prompts(data.validation, cfg.sft.samples)
+        if not prompts or int(os.environ.get("WORLD_SIZE", "1")) > 1:  # sharded weights: no single-rank forward
+            return []
+        samples.append(SampleCallback(prompts, template, tokenizer, cfg.sft.sample_tokens, max_len, dtype, say_line))
+        return samples
+
+    t = cfg.sft
+    mean_len = max(1, round(meta["tokens"]["train"] / len(train)))
+    intro = [f"run {cfg.run.name}: sft of {base.path} ({sum(p.numel() for p in model.parameters()):,} parameters) "
+             f"on {device.type} ({str(dtype).removeprefix('torch.')}), {t.batch_size} conversations/step "
+             f"(micro {t.micro_batch_size}, accumulation {t.batch_size // t.micro_batch_size}), "
+             f"{t.max_steps} steps, lr {t.lr:g}",
+             _data_line(data, train, truncated, max_len),
+             f"template: user {template.user!r}, reply {template.assistant_prefix + template.assistant!r} "
+             f"then end-of-text; loss on replies only"]
+    summary = fit_stage(cfg, STAGE, console, model=model, batches=batches, evaluate=evaluate, tokenizer=tokenizer,
+                        data_meta=meta, device=device, dtype=dtype, point=point, intro=intro, overwrite=overwrite,
+                        resume_command=resume_command, seq_len=mean_len,
+                        checkpoint_extra={"template": template.to_state()}, callbacks=callbacks)
+    summary.update(examples=len(train), held_out=len(validation), truncated=truncated, skipped=data.skipped,
+                   samples=samples[0].last if samples else [], base=str(base.path))
+    return summary
+
+
+# --------------------------------------------------------------------------- data inspect --sft
+
+def inspect_example(spec: str, index: int, cfg: Config, checkpoint: str | None = None) -> dict[str, Any]:
+    """How record `index` of `spec` is rendered and which targets carry loss: with the
+    tokenizer, template and context of `checkpoint`, else of the config (data.tokenizer,
+    model.max_seq_len, the default template). A plain dict (`--json` prints it)."""
+    if checkpoint:
+        base = load_base(checkpoint)
+        tokenizer, template, max_len, source = base.tokenizer, base.template, base.config.model.max_seq_len, \
+            str(base.path)
+    else:
+        from llmctl.data.tokenizer import resolve_tokenizer
+
+        tokenizer, template, max_len = resolve_tokenizer(cfg.data), ChatTemplate(), cfg.model.max_seq_len
+        source = f"data.tokenizer {cfg.data.tokenizer}"
+    where, record = record_at(spec, index)
+    try:
+        messages = conversation(where, record, cfg.sft.format)
+    except ValueError as e:  # EmptyReply: a training run skips it
+        raise LlmctlError(f"{where}: {e}; training skips this record (pick another --index)") from None
+    example = encode_example(messages, template, tokenizer, max_len)
+    ids = example.input_ids
+    tokens = []
+    for pos, token in enumerate(ids):
+        label = example.labels[pos]
+        target = label if label != IGNORE else (ids[pos + 1] if pos + 1 < len(ids) else None)
+        tokens.append({"pos": pos, "id": token, "text": tokenizer.decode([token]), "target": target,
+                       "target_text": tokenizer.decode([target]) if target is not None else None,
+                       "loss": label != IGNORE})
+    trained = [t["target"] for t in tokens if t["loss"]]
+    return {"where": where, "spec": spec, "index": index, "tokenizer": source, "context": max_len,
+            "template": template.to_state(), "messages": [{"role": r, "content": c} for r, c in messages],
+            "text": tokenizer.decode(ids + ([example.labels[-1]] if example.labels and example.labels[-1] != IGNORE
+                                            else [])),
+            "response_text": tokenizer.decode(trained), "tokens": tokens, "n_tokens": len(ids),
+            "n_loss": len(trained), "n_ignored": len(ids) - len(trained), "truncated": example.truncated}
+
+
+def render_inspection(info: dict[str, Any], console: Console) -> None:
+    """The rendered example with reply tokens highlighted, then one row per position."""
+    from rich.table import Table
+    from rich.text import Text
+
+    console.print(f"{info['where']}: {info['n_tokens']} positions, {info['n_loss']} targets carry loss, "
+                  f"{info['n_ignored']} ignored (prompt){', truncated to the context' if info['truncated'] else ''}; "
+                  f"tokenizer from {info['tokenizer']}, context {info['context']}", markup=False, highlight=False)
+    rendered = Text()
+    tokens = info["tokens"]
+    if tokens:
+        rendered.append(tokens[0]["text"], style="dim")
+    for t in tokens:  # token k+1 is position k's target: styled by whether it carries loss
+        if t["target_text"] is not None:
+            rendered.append(t["target_text"], style="bold green" if t["loss"] else "dim")
+    console.print(Text("rendered (bold green = carries loss):", style="bold"))
+    console.print(rendered)
+    console.print(Text("response tokens (the only targets with loss):", style="bold"))
+    console.print(info["response_text"], markup=False, highlight=False)
+    table = Table(show_header=True, header_style="bold", box=None)
+    for column in ("pos", "input", "id", "target", "loss"):
+        table.add_column(column, justify="right" if column in ("pos", "id") else "left")
+    for t in tokens:
+        table.add_row(str(t["pos"]), repr(t["text"]), str(t["id"]),
+                      repr(t["target_text"]) if t["target_text"] is not None else "",
+                      "yes" if t["loss"] else "-", style=None if t["loss"] else "dim")
+    console.print(table)
