@@ -28,6 +28,7 @@ class RunConfig:
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
     dtype: str = "auto"  # auto (bf16 where the device supports it) | float32 | bfloat16 | float16
     compile: bool = False  # torch.compile the model (falls back to eager with a warning)
+    distributed: str = "ddp"  # under torchrun: ddp (replicated weights) | fsdp (sharded, FSDP2)
     log_every: int = 10  # steps between logged training lines
     report_to: list[str] = field(default_factory=list)  # also send metrics to: tensorboard, wandb
 
@@ -283,6 +284,7 @@ def validate(cfg: Config) -> None:
     _check(r.dtype in DTYPES, f"run.dtype must be one of {', '.join(DTYPES)}, got '{r.dtype}'")
     _check(r.device == "auto" or r.device.split(":")[0] in ("cpu", "cuda", "mps"),
            f"run.device must be auto, cpu, cuda, cuda:N or mps, got '{r.device}'")
+    _check(r.distributed in ("ddp", "fsdp"), f"run.distributed must be ddp or fsdp, got '{r.distributed}'")
     _check(r.log_every >= 1, f"run.log_every must be >= 1, got {r.log_every}")
     _check(all(t in REPORT_TO for t in r.report_to) and len(set(r.report_to)) == len(r.report_to),
            f"run.report_to takes each of {', '.join(REPORT_TO)} at most once, got {r.report_to}")

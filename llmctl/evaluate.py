@@ -36,6 +36,7 @@ from llmctl.errors import ConfigError, LlmctlError
 if TYPE_CHECKING:
     from llmctl.data.tokenizer import TextTokenizer
     from llmctl.loading import LoadedModel
+    from llmctl.runtime import DistInfo
 
 CHUNK_TOKENS = 1 << 20  # tokens read from a memory-mapped split at a time
 ENCODE_BATCH = 256  # documents per call into the Rust tokenizer
@@ -111,16 +112,22 @@ def _batches(windows: Iterator[tuple[np.ndarray, int]], batch_size: int
 def evaluate_tokens(model: torch.nn.Module, tokens: np.ndarray | Iterable[np.ndarray], seq_len: int,
                     batch_size: int, device: torch.device,
                     autocast: contextlib.AbstractContextManager | None = None,
-                    max_tokens: int = 0, stride: int = 0) -> dict[str, float]:
+                    max_tokens: int = 0, stride: int = 0, dist: "DistInfo | None" = None) -> dict[str, float]:
     """Mean next-token loss over a token stream (an array, or an iterable of arrays), or over
     its first `max_tokens` targets. `model(x, y, reduction="sum")` must return the summed
-    cross-entropy of the targets that are not -100 (llmctl's Transformer does)."""
+    cross-entropy of the targets that are not -100 (llmctl's Transformer does).
+
+    With `dist` (a torchrun job), rank r scores windows r, r + world, ... and the sums are
+    added over ranks, so every rank returns the same numbers as one process would."""
     was_training = model.training
     model.eval()
     total_loss, total_tokens = 0.0, 0
     start = time.perf_counter()
+    windows = scored_windows(tokens, seq_len, stride, max_tokens)
+    if dist is not None and dist.enabled:
+        windows = (w for i, w in enumerate(windows) if i % dist.world_size == dist.rank)
     try:
-        for x, y in _batches(scored_windows(tokens, seq_len, stride, max_tokens), batch_size):
+        for x, y in _batches(windows, batch_size):
             total_tokens += int((y != -100).sum())  # counted on the CPU: no extra device sync
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast or contextlib.nullcontext():
@@ -128,6 +135,12 @@ def evaluate_tokens(model: torch.nn.Module, tokens: np.ndarray | Iterable[np.nda
             total_loss += float(loss_sum)
     finally:
         model.train(was_training)
+    if dist is not None and dist.enabled:
+        from llmctl.runtime import all_ranks_sum
+
+        total_loss, total_tokens = all_ranks_sum(torch.tensor([total_loss, float(total_tokens)],
+                                                              dtype=torch.float64), dist).tolist()
+        total_tokens = int(total_tokens)
     mean = total_loss / max(total_tokens, 1)
     return {"loss": mean, "perplexity": math.exp(min(mean, 700.0)), "tokens": total_tokens,
             "loss_sum": total_loss, "seconds": time.perf_counter() - start}

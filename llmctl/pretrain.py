@@ -28,7 +28,7 @@ from llmctl.errors import ConfigError, LlmctlError
 from llmctl.evaluate import evaluate_tokens
 from llmctl.model import Transformer
 from llmctl.progress import MetricsCallback, ProgressCallback, RunLog
-from llmctl.runtime import autocast, resolve_device, resolve_dtype, seed_everything
+from llmctl.runtime import DistInfo, autocast, barrier, init_distributed, resolve_dtype, seed_everything
 from llmctl.trackers import Reporting, check_trackers
 from llmctl.trainer import BatchSource, Callback, Trainer, TrainingStopped
 
@@ -110,9 +110,13 @@ def run_pretrain(cfg: Config, console: Console, overwrite: bool = False, resume:
     run_dir = run_dir_of(cfg)
     check_run_dir(run_dir, resume=resume, overwrite=overwrite)
     check_trackers(cfg.run.report_to)  # a missing tensorboard/wandb is named before the slow data work
-    device = resolve_device(cfg.run.device)
+    dist_info, device = init_distributed(cfg.run.device, cfg.run.distributed)  # alone: rank 0 of 1
+    if not dist_info.is_main:
+        console = Console(quiet=True)  # one voice: rank 0 prints, logs and saves
     dtype = resolve_dtype(cfg.run.dtype, device)
     check_sources(cfg.data.datasets)
+    if not dist_info.is_main:
+        barrier(dist_info)  # rank 0 trains the tokenizer / builds the store; the others then reuse it
     tokenizer = resolve_tokenizer(cfg.data, lambda line: console.print(line, markup=False, highlight=False))
     cfg = resolve_vocab(cfg, tokenizer.vocab_size)
     point = find_resume_point(run_dir, STAGE, cfg, tokenizer) if resume else None  # before slow data work
@@ -120,6 +124,8 @@ def run_pretrain(cfg: Config, console: Console, overwrite: bool = False, resume:
                   markup=False, highlight=False)
     with PrepareDisplay(console) as show:  # builds (or resumes) the store when it is missing
         store = prepare_store(cfg.data, tokenizer, show)
+    if dist_info.is_main:
+        barrier(dist_info)
     train_tokens, val_tokens = store.tokens("train"), store.tokens("validation")
     if len(train_tokens) < cfg.model.max_seq_len + 1:
         raise LlmctlError(f"only {len(train_tokens)} training tokens, fewer than one window of "
@@ -135,7 +141,7 @@ def run_pretrain(cfg: Config, console: Console, overwrite: bool = False, resume:
 
     def evaluate() -> dict[str, float]:
         return evaluate_tokens(model, val_tokens, cfg.model.max_seq_len, eval_batch, device,
-                               autocast(device, dtype), cfg.eval.max_tokens)
+                               autocast(device, dtype), cfg.eval.max_tokens, dist=dist_info)
 
     # Nothing was written before this point: every input has been checked.
     plan = make_plan(cfg)
@@ -146,7 +152,7 @@ def run_pretrain(cfg: Config, console: Console, overwrite: bool = False, resume:
              f"data: {len(train_tokens):,} train tokens, {len(val_tokens):,} validation tokens (cache {store.path})"]
     return fit_stage(cfg, STAGE, console, model=model, batches=batches, evaluate=evaluate, tokenizer=tokenizer,
                      data_meta=store.meta, device=device, dtype=dtype, point=point, intro=intro,
-                     overwrite=overwrite, resume_command=resume_command)
+                     overwrite=overwrite, resume_command=resume_command, dist_info=dist_info)
 
 
 def fit_stage(cfg: Config, stage: str, console: Console, *, model: torch.nn.Module, batches: BatchSource,
@@ -154,7 +160,8 @@ def fit_stage(cfg: Config, stage: str, console: Console, *, model: torch.nn.Modu
               device: torch.device, dtype: torch.dtype, point: ResumePoint | None, intro: list[str],
               overwrite: bool = False, resume_command: str | None = None, seq_len: int | None = None,
               checkpoint_extra: dict[str, Any] | None = None,
-              callbacks: Callable[[Callable[[str], None]], list[Callback]] | None = None) -> dict[str, Any]:
+              callbacks: Callable[[Callable[[str], None]], list[Callback]] | None = None,
+              dist_info: DistInfo | None = None) -> dict[str, Any]:
     """What every training stage (pretrain, sft) shares from its first write on: the run
     directory (deleted first with `overwrite`), config.toml, the progress display and
     training.log, metrics.jsonl, `<run>-<stage>_*.pt` checkpoints (plus `checkpoint_extra`
@@ -163,14 +170,18 @@ def fit_stage(cfg: Config, stage: str, console: Console, *, model: torch.nn.Modu
 
     `callbacks(say)` adds stage-specific callbacks that write through the progress display;
     `seq_len` is the tokens one sequence counts for (default the context length)."""
+    dist_info = dist_info or DistInfo()
     train_cfg = getattr(cfg, stage)
     run_dir = run_dir_of(cfg)
     check_trackers(cfg.run.report_to)
-    if overwrite and run_dir.is_dir():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run_dir / "config.toml", cfg.to_toml())
-    progress = ProgressCallback(console, RunLog(run_dir / "training.log"), title=f"{cfg.run.name} {stage}")
+    barrier(dist_info)  # every rank has checked the run directory before rank 0 changes it
+    if dist_info.is_main:
+        if overwrite and run_dir.is_dir():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(run_dir / "config.toml", cfg.to_toml())
+    progress = ProgressCallback(console, RunLog(run_dir / "training.log" if dist_info.is_main else None),
+                                title=f"{cfg.run.name} {stage}")
     checkpoints = CheckpointCallback(run_dir, cfg, stage, tokenizer, data_meta, train_cfg.keep_last,
                                      extra=checkpoint_extra)
     reporting = Reporting(cfg, run_dir, stage, progress.say, progress.log.write)  # status.json, trackers, loss.png
@@ -178,7 +189,7 @@ def fit_stage(cfg: Config, stage: str, console: Console, *, model: torch.nn.Modu
            *(callbacks(progress.say) if callbacks else [])]
     trainer = Trainer(model, train_cfg, batches=batches, evaluate=evaluate, device=device, dtype=dtype,
                       seq_len=seq_len or cfg.model.max_seq_len, log_every=cfg.run.log_every, compile=cfg.run.compile,
-                      callbacks=own)
+                      callbacks=own if dist_info.is_main else [], dist=dist_info)
     if point is not None:
         trainer.load_state_dict(point.state)
         checkpoints.last_path = point.path

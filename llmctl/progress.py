@@ -40,12 +40,15 @@ def eval_line(r: dict[str, Any]) -> str:
 
 
 class RunLog:
-    """Plain lines, timestamped, appended to the run's training.log."""
+    """Plain lines, timestamped, appended to the run's training.log (no file: None, as on the
+    non-zero ranks of a distributed run)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path | None):
         self.path = path
 
     def write(self, line: str) -> None:
+        if self.path is None:
+            return
         stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(f"{stamp} {line}\n")

@@ -18,6 +18,7 @@ import random
 import signal
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -197,3 +198,78 @@ def force_exit(signum: int) -> None:
     with contextlib.suppress(OSError):
         os.write(2, message.encode())
     os._exit(128 + signum)
+
+
+# --------------------------------------------------------------------------- distributed
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in a `torchrun` job (rank 0 of 1 when run alone)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    strategy: str = "ddp"  # "ddp" (replicated weights) or "fsdp" (sharded, FSDP2 fully_shard)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device_name: str, strategy: str) -> tuple[DistInfo, torch.device]:
+    """Join the process group that `torchrun` describes in the environment (RANK, WORLD_SIZE,
+    LOCAL_RANK, MASTER_ADDR/PORT); alone, return rank 0 of 1 and the configured device.
+
+    Each rank takes GPU `LOCAL_RANK` on CUDA (NCCL); on CPU the ranks talk over gloo."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo(strategy=strategy), resolve_device(device_name)
+    import torch.distributed as dist
+
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if device.type == "mps":
+        raise ConfigError("distributed training on MPS is not supported by PyTorch; use run.device=cpu")
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+    info = DistInfo(rank, world, local_rank, strategy)
+    import atexit
+
+    atexit.register(shutdown_distributed, info)  # however the command ends
+    return info, device
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def shutdown_distributed(info: DistInfo) -> None:
+    if info.enabled:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def all_ranks_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Sum a small tensor over ranks (a no-op alone); gloo has no AVG, so callers divide."""
+    if info.enabled:
+        import torch.distributed as dist
+
+        # NCCL reduces GPU tensors only; gloo works on CPU tensors.
+        where = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        reduced = values.detach().to(where, copy=True)
+        dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+        values = reduced.to(values.device)
+    return values

@@ -29,7 +29,9 @@ Stopping safely, for every stage alike:
 
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -39,8 +41,9 @@ from typing import Any, Protocol
 import torch
 
 from llmctl.config import TrainConfig
-from llmctl.errors import LlmctlError
-from llmctl.runtime import StopRequested, StopSignals, autocast, rng_state, set_rng_state, signal_name
+from llmctl.errors import ConfigError, LlmctlError
+from llmctl.runtime import (DistInfo, StopRequested, StopSignals, all_ranks_sum, autocast, rng_state, set_rng_state,
+                            signal_name)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -75,6 +78,33 @@ class BatchSource(Protocol):
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
+
+
+class RankShard:
+    """This rank's share of every optimizer step's global batch.
+
+    Every rank draws the same sequence of micro-batches from an identically seeded source and
+    keeps every world_size-th one, so the union over ranks of one step's micro-batches is
+    exactly what a single process draws for that step with full accumulation: the global
+    batch, and so the loss curve, does not depend on the world size. The skipped draws cost
+    index arithmetic and a small copy; compute dominates."""
+
+    def __init__(self, inner: BatchSource, rank: int, world_size: int):
+        self.inner, self.rank, self.world_size = inner, rank, world_size
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        mine = None
+        for r in range(self.world_size):
+            batch = self.inner.next_batch()
+            if r == self.rank:
+                mine = batch
+        return mine
+
+    def state_dict(self) -> dict:
+        return self.inner.state_dict()  # identical on every rank
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state)
 
 
 class TrainingStopped(LlmctlError):
@@ -159,24 +189,44 @@ class Trainer:
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig, *, batches: BatchSource,
                  evaluate: Callable[[], dict[str, float]] | None, device: torch.device,
                  dtype: torch.dtype, seq_len: int, log_every: int = 10, compile: bool = False,
-                 callbacks: Sequence[Callback] = ()):
+                 callbacks: Sequence[Callback] = (), dist: DistInfo | None = None):
         self.model = model  # the raw module: its state_dict is what checkpoints hold
         self.cfg = cfg
-        self.batches = batches
+        self.dist = dist or DistInfo()
+        world = self.dist.world_size
+        if cfg.batch_size % (cfg.micro_batch_size * world):
+            raise ConfigError(f"batch_size ({cfg.batch_size}) must be divisible by micro_batch_size "
+                              f"({cfg.micro_batch_size}) x {world} processes, so that every step sees the "
+                              f"same global batch whatever the number of processes")
+        self.batches = RankShard(batches, self.dist.rank, world) if self.dist.enabled else batches
         self.evaluate_fn = evaluate
         self.device = device
         self.dtype = dtype
         self.seq_len = seq_len
         self.log_every = log_every
         self.callbacks = list(callbacks)
-        self.accumulation = cfg.batch_size // cfg.micro_batch_size
+        self.accumulation = cfg.batch_size // (cfg.micro_batch_size * world)  # micro-steps per rank
+        self._ddp: torch.nn.Module | None = None
+        if self.dist.enabled and self.dist.strategy == "fsdp":
+            # FSDP2: each block's parameters become shards (DTensors) gathered just in time;
+            # this must happen before the optimizer sees the parameters.
+            from torch.distributed.fsdp import fully_shard
+
+            for block in model.blocks:
+                fully_shard(block)
+            fully_shard(model)
+        elif self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self._ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         self.optimizer = build_optimizer(model, cfg, device)
         self.scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
         self.step = 0  # optimizer steps completed
         self.tokens_seen = 0
         self.history: list[dict[str, Any]] = []  # eval records, for resume and summaries
-        self.forward_model: torch.nn.Module = model
+        self.forward_model: torch.nn.Module = self._ddp or model
         self._compile_pending = compile
+        self._gathered_state: dict[str, Any] | None = None  # FSDP: full state gathered for a save
         # NaN guard, on the device: first non-finite step (0 = none) and its (loss, grad norm).
         self._bad_step = torch.zeros((), dtype=torch.long, device=device)
         self._bad_values = torch.zeros(2, device=device)
@@ -194,18 +244,20 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=self.device)
-        for _ in range(self.accumulation):
+        for micro in range(self.accumulation):
             x, y = self.batches.next_batch()
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
-            with autocast(self.device, self.dtype):
+            with self._gradient_sync(micro == self.accumulation - 1), autocast(self.device, self.dtype):
                 loss = self._forward(x, y) / self.accumulation
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
             loss_sum += loss.detach()
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor; every rank holds the same total
+            grad_norm = grad_norm.full_tensor()
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -216,18 +268,27 @@ class Trainer:
         self.tokens_seen += self.cfg.batch_size * self.seq_len
         return loss_sum, grad_norm
 
+    def _gradient_sync(self, last_micro_step: bool) -> contextlib.AbstractContextManager:
+        """Across ranks, gradients are averaged once per optimizer step, after the last
+        micro-batch; earlier backward passes only accumulate locally."""
+        if self._ddp is not None and not last_micro_step:
+            return self._ddp.no_sync()
+        if self.dist.enabled and self.dist.strategy == "fsdp":
+            self.model.set_requires_gradient_sync(last_micro_step)
+        return contextlib.nullcontext()
+
     def _forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self._compile_pending:
             self._compile_pending = False
             try:
-                compiled = torch.compile(self.model)
+                compiled = torch.compile(self._ddp or self.model)
                 loss = compiled(x, y)
                 self.forward_model = compiled
                 return loss
             except Exception as e:  # compilers fail in many ways; eager always works
                 warnings.warn(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
                               f"training continues in eager mode", stacklevel=2)
-                self.forward_model = self.model
+                self.forward_model = self._ddp or self.model
         return self.forward_model(x, y)
 
     # ------------------------------------------------------------------ the loop
@@ -261,7 +322,8 @@ class Trainer:
             step, last = self.step, self.step == cfg.max_steps
             if step % self.log_every == 0 or last or step == start_step + 1:
                 now = time.perf_counter()
-                loss_value = float(loss)  # the one host sync per log interval
+                # the one host sync per log interval (and, distributed, the mean over ranks)
+                loss_value = float(all_ranks_sum(loss.detach().float(), self.dist)) / self.dist.world_size
                 steps_left = cfg.max_steps - step
                 per_step = (now - fit_start) / max(1, step - start_step)
                 record = {
@@ -301,7 +363,9 @@ class Trainer:
             # An evaluation can run out of memory or be killed; it must not cost the steps since
             # the last save. Checkpoint callbacks may drop this one once the eval has scored it.
             self.save(final=False, reason="eval")
-        if self.stop is None:
+        if self.stop is None or self.dist.enabled:
+            # Distributed, the evaluation's all-reduce must be reached by every rank: finish it,
+            # then stop at the step boundary like the others.
             self.run_eval()
             return
         try:
@@ -310,12 +374,22 @@ class Trainer:
         except StopRequested:
             self._stop_if_requested()
 
+    def _stop_requested(self) -> bool:
+        """A stop asked for by a signal; distributed, any rank's request stops every rank at
+        the same step (torchrun forwards a signal to all ranks, but not at the same instant)."""
+        requested = self.stop is not None and self.stop.requested
+        if self.dist.enabled:
+            flag = torch.tensor([1.0 if requested else 0.0],
+                                device=self.device if self.device.type == "cuda" else "cpu")
+            requested = bool(all_ranks_sum(flag, self.dist).item() > 0)
+        return requested
+
     def _stop_if_requested(self) -> None:
-        if self.stop is not None and self.stop.requested:
+        if self._stop_requested():
             self.check_finite()
             if self._saved_step != self.step:
                 self.save(final=False, reason="stop")
-            raise TrainingInterrupted(self.stop.signum, self.step)
+            raise TrainingInterrupted(self.stop.signum or signal.SIGTERM, self.step)
 
     # ------------------------------------------------------------------ NaN guard and saving
 
@@ -345,8 +419,13 @@ class Trainer:
         "stop" (a signal) or "final"."""
         self.check_finite()
         self.save_reason = "final" if final else reason
-        for cb in self.callbacks:
-            cb.on_save(self, final=final)
+        if self.dist.enabled and self.dist.strategy == "fsdp":
+            self._gathered_state = self.state_dict()  # a collective: every rank takes part
+        try:
+            for cb in self.callbacks:
+                cb.on_save(self, final=final)
+        finally:
+            self._gathered_state = None
         self._saved_step = self.step
 
     def run_eval(self) -> dict[str, Any]:
@@ -370,10 +449,14 @@ class Trainer:
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything `fit()` depends on, as tensors and plain values (weights_only-loadable)."""
+        """Everything `fit()` depends on, as tensors and plain values (weights_only-loadable).
+        Under FSDP the full (unsharded) state, gathered to CPU: it loads on one device."""
+        if self._gathered_state is not None:
+            return self._gathered_state
+        model_state, optimizer_state = self._model_and_optimizer_state()
         state = {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model_state,
+            "optimizer": optimizer_state,
             "step": self.step,
             "tokens_seen": self.tokens_seen,
             "data_position": self.batches.state_dict(),
@@ -384,10 +467,27 @@ class Trainer:
             state["grad_scaler"] = self.scaler.state_dict()
         return state
 
+    def _model_and_optimizer_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Full (unsharded) states whatever the strategy, the optimizer's keyed by parameter
+        name rather than position, so a checkpoint resumes under any world size or strategy."""
+        if not torch.distributed.is_available():  # some macOS/Windows builds
+            return self.model.state_dict(), self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        return get_state_dict(self.model, self.optimizer,
+                              options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         try:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            if torch.distributed.is_available():
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+                set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                               optim_state_dict=state["optimizer"],
+                               options=StateDictOptions(full_state_dict=True))
+            else:
+                self.model.load_state_dict(state["model"])
+                self.optimizer.load_state_dict(state["optimizer"])
             self.batches.load_state_dict(state["data_position"])
             set_rng_state(state["rng"])
             if self.scaler is not None and "grad_scaler" in state:
