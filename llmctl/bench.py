@@ -25,7 +25,7 @@ import torch
 from llmctl.config import Config
 from llmctl.errors import ConfigError
 from llmctl.model import Transformer
-from llmctl.runtime import resolve_device, resolve_dtype, seed_everything
+from llmctl.runtime import configure_device, resolve_device, resolve_dtype, seed_everything
 from llmctl.trainer import Trainer
 
 # Dense (no sparsity) peak TFLOP/s from NVIDIA datasheets: (bf16/fp16, tf32, fp32).
@@ -113,6 +113,7 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 3) -> dict[str, Any]:
 
         cfg = resolve_vocab(cfg, load_tokenizer(cfg.data.tokenizer).vocab_size)
     device = resolve_device(cfg.run.device)
+    configure_device(device)
     dtype = resolve_dtype(cfg.run.dtype, device)
     seed_everything(cfg.run.seed)
     model = Transformer(cfg.model).to(device)

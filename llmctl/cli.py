@@ -45,6 +45,11 @@ def _fail(message: str, code: int) -> typer.Exit:
     return typer.Exit(code)
 
 
+OUT_OF_MEMORY = ("out of {where}; lower pretrain.micro_batch_size (or sft.micro_batch_size; batch_size stays, "
+                 "accumulation grows), set model.gradient_checkpointing=true, or lower model.max_seq_len; "
+                 "then continue with --resume")
+
+
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
     """Turn known failures into one line and an exit code."""
@@ -59,10 +64,12 @@ def user_errors() -> Iterator[None]:
     except KeyboardInterrupt:
         raise _fail("interrupted", 130) from None
     except MemoryError:
-        raise _fail("out of memory; lower pretrain.micro_batch_size or model.max_seq_len", 1) from None
+        raise _fail(OUT_OF_MEMORY.format(where="host memory"), 1) from None
     except Exception as e:
         if _debug():
             raise
+        if type(e).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError, without importing torch here
+            raise _fail(OUT_OF_MEMORY.format(where="device memory"), 1) from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise _fail(f"{type(e).__name__}: {first} (set LLMCTL_DEBUG=1 to see the traceback)", 1) from None
 

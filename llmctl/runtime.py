@@ -45,6 +45,20 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def configure_device(device: torch.device, processes_per_node: int = 1) -> None:
+    """Per-device speed settings, applied once before training.
+
+    CUDA: TF32 tensor cores for fp32 matmuls and convolutions (Ampere and newer; ~10 bits of
+    mantissa, the standard trade for 2-8x matmul speed in training). CPU: one compute thread
+    per core for this process's share of the cores — more threads than cores is 1.3-2.3x
+    slower, and under torchrun several processes share one machine's cores."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    elif device.type == "cpu" and processes_per_node > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // processes_per_node))
+
+
 def cpu_supports_bf16() -> bool:
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -227,7 +241,9 @@ def init_distributed(device_name: str, strategy: str) -> tuple[DistInfo, torch.d
     Each rank takes GPU `LOCAL_RANK` on CUDA (NCCL); on CPU the ranks talk over gloo."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return DistInfo(strategy=strategy), resolve_device(device_name)
+        device = resolve_device(device_name)
+        configure_device(device)
+        return DistInfo(strategy=strategy), device
     import torch.distributed as dist
 
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
@@ -241,6 +257,7 @@ def init_distributed(device_name: str, strategy: str) -> tuple[DistInfo, torch.d
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None)
     info = DistInfo(rank, world, local_rank, strategy)
+    configure_device(device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     import atexit
 
     atexit.register(shutdown_distributed, info)  # however the command ends

@@ -246,6 +246,8 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(self.accumulation):
             x, y = self.batches.next_batch()
+            if self.device.type == "cuda":  # page-locked host memory lets the copy run asynchronously
+                x, y = x.pin_memory(), y.pin_memory()
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
             with self._gradient_sync(micro == self.accumulation - 1), autocast(self.device, self.dtype):
