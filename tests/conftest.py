@@ -7,6 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# Test models are tiny: one thread per process is faster than two that wait on each other,
+# and subprocesses (the CLI, torchrun ranks) inherit it through the environment.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("LLMCTL_SHARED_DATA", REPO.parent / "shared" / "data"))
