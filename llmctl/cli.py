@@ -404,12 +404,12 @@ def sft(
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Delete this SFT run's directory (checkpoints and logs) and start again there.")] = False,
     resume: Annotated[bool, typer.Option(
-        "--resume", help="Continue the SFT run from its newest checkpoint; pass the same --from, preset and "
-                         "--set values.")] = False,
+        "--resume", help="Continue the SFT run from its newest checkpoint; pass the same --run-name, preset and "
+                         "--set values (--from may be left out).")] = False,
 ) -> None:
     """Instruction-tune a pretrained checkpoint: loss on the replies only, the pretrain trainer and run files.
 
-    [model] and the tokenizer come from the checkpoint; the data, lr and steps from [sft].
+    The model shape and tokenizer come from the checkpoint; data, lr and steps from the sft.* keys.
     Example: llmctl sft --from experiments/runs/demo --preset tiny --set 'sft.datasets=["jsonl:chat.jsonl:2000"]'
     """
     with user_errors():

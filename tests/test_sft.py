@@ -152,6 +152,13 @@ def test_the_checkpoint_carries_template_tokenizer_and_config(tuned, work):
     assert ckpt["config"]["sft"]["lr"] == 3e-3
 
 
+def test_eval_scores_an_sft_checkpoint_on_its_pretraining_text(tuned, cli):
+    final, _ = tuned
+    code, out, err = cli("eval", "-c", final, "--json")
+    assert code == 0, err
+    assert math.isfinite(json.loads(out)["datasets"]["validation"]["bits_per_byte"])
+
+
 def test_generate_applies_the_saved_template_and_raw_opts_out(tuned, cli):
     from llmctl.generate import complete, token_stream, Sampling
     from llmctl.loading import load_model
@@ -178,7 +185,9 @@ def test_resume_continues_exactly(cli, work):
     straight = sft_args("straight", dolly(100), steps=6)
     assert cli(*straight)[0] == 0
     assert cli(*sft_args("halves", dolly(100), steps=3))[0] == 0
-    code, _, err = cli(*sft_args("halves", dolly(100), "--resume", steps=6))
+    resume = sft_args("halves", dolly(100), "--resume", steps=6)
+    resume = resume[:1] + resume[3:]  # no --from: the run's config.toml says where it began
+    code, _, err = cli(*resume)
     assert code == 0, err
     assert "resumed from halves-sft_final.pt at step 3" in err
     runs = work / "experiments" / "runs"

@@ -112,6 +112,10 @@ def test_dolly_file_reads_with_line_numbers(tmp_path):
      [("user", "Name a city.\n\nIn France."), ("assistant", "Paris")]),  # Dolly on the Hub
     ({"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hey"}]},
      [("user", "Hi"), ("assistant", "Hey")]),  # ShareGPT
+    ({"question": "Why?", "answer": "Because."}, [("user", "Why?"), ("assistant", "Because.")]),
+    ({"input": "2+2", "output": "4"}, [("user", "2+2"), ("assistant", "4")]),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]},
+                   {"role": "assistant", "content": "Hey"}]}, [("user", "Hi there"), ("assistant", "Hey")]),
     ({"text": "Be kind. ### Human: a ### Assistant: b ### Human: c ### Assistant: d"},
      [("system", "Be kind."), ("user", "a"), ("assistant", "b"), ("user", "c"), ("assistant", "d")]),
 ])

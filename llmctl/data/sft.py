@@ -3,7 +3,7 @@
 A record in any of the usual shapes becomes a list of messages (role, content):
 
     alpaca   {"instruction", "input"?, "output"}  (Dolly: "context"?, "response")
-    prompt   {"prompt", "completion" | "response"}
+    prompt   {"prompt" | "question" | "input", "completion" | "response" | "answer" | "output"}
     chat     {"messages": [{"role": "system"|"user"|"assistant", "content"}, ...]}
     text     {"text": "### Human: ... ### Assistant: ..."}
 
@@ -85,12 +85,13 @@ def detect_format(record: dict[str, Any]) -> str:
         return "chat"
     if "instruction" in record and ("output" in record or "response" in record):
         return "alpaca"  # Alpaca (instruction/input/output) or Dolly (instruction/context/response)
-    if "prompt" in record and ("completion" in record or "response" in record):
+    if _first_key(record, PROMPT_KEYS) and _first_key(record, REPLY_KEYS):
         return "prompt"
     if "text" in record:
         return "text"
     raise ValueError(f"fields {sorted(record)} match no known shape (alpaca: instruction/output; "
-                     f"prompt/completion or prompt/response; chat: messages; text with ### Assistant:)")
+                     f"prompt/completion, prompt/response or question/answer; chat: messages; "
+                     f"text with ### Assistant:)")
 
 
 def _field(record: dict[str, Any], key: str, fmt: str) -> str:
@@ -102,6 +103,14 @@ def _field(record: dict[str, Any], key: str, fmt: str) -> str:
     if not isinstance(value, str):
         raise ValueError(f"field '{key}' is {type(value).__name__}, not text")
     return value
+
+
+PROMPT_KEYS = ("prompt", "question", "input")  # prompt shape: the first of these present ...
+REPLY_KEYS = ("completion", "response", "answer", "output")  # ... and the first of these
+
+
+def _first_key(record: dict[str, Any], keys: tuple[str, ...]) -> str | None:
+    return next((k for k in keys if k in record), None)
 
 
 _ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant"}
@@ -121,10 +130,20 @@ def _chat_messages(record: dict[str, Any]) -> list[Message]:
             raise ValueError(f"message {i} needs '{role_key}' and '{content_key}'")
         if not isinstance(m[role_key], str) or _ROLE_ALIASES.get(m[role_key], m[role_key]) not in ROLES:
             raise ValueError(f"message {i} has role {m[role_key]!r}; use system, user or assistant")
-        if not isinstance(m[content_key], str):
-            raise ValueError(f"message {i} has {content_key} of type {type(m[content_key]).__name__}, not text")
-        messages.append((_ROLE_ALIASES.get(m[role_key], m[role_key]), m[content_key]))
+        messages.append((_ROLE_ALIASES.get(m[role_key], m[role_key]), _content(m[content_key], i, content_key)))
     return messages
+
+
+def _content(value: Any, i: int, key: str) -> str:
+    """A message's text: a string, None (a turn with no text), or OpenAI-style parts
+    [{"type": "text", "text": ...}, ...] joined."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(p, dict) and isinstance(p.get("text"), str) for p in value):
+        return "".join(p["text"] for p in value)
+    raise ValueError(f"message {i} has {key} of type {type(value).__name__}, not text")
 
 
 def _text_messages(text: str) -> list[Message]:
@@ -156,8 +175,8 @@ def to_messages(record: dict[str, Any], fmt: str = "auto") -> list[Message]:
         reply_key = "output" if "output" in record else "response"  # Dolly: "response"
         messages = [("user", user), ("assistant", _field(record, reply_key, fmt))]
     elif fmt == "prompt":
-        reply_key = "completion" if "completion" in record else "response"
-        messages = [("user", _field(record, "prompt", fmt)), ("assistant", _field(record, reply_key, fmt))]
+        prompt_key, reply_key = _first_key(record, PROMPT_KEYS) or "prompt", _first_key(record, REPLY_KEYS) or "completion"
+        messages = [("user", _field(record, prompt_key, fmt)), ("assistant", _field(record, reply_key, fmt))]
     elif fmt == "chat":
         messages = _chat_messages(record)
     elif fmt == "text":
