@@ -136,7 +136,8 @@ def pretrain(
 
         summary = run_pretrain(cfg, Console(stderr=True), overwrite=overwrite, resume=resume,
                                resume_command=resume_command(preset, overrides, cfg.run.name))
-        typer.echo(summary["checkpoint"])
+        if summary["checkpoint"]:  # None on the other ranks of a torchrun job
+            typer.echo(summary["checkpoint"])
 
 
 @app.command()
@@ -420,7 +421,8 @@ def sft(
         cfg, base = load_sft_config(preset, overrides, run_name, from_, resume)
         summary = run_sft(cfg, base, Console(stderr=True), overwrite=overwrite, resume=resume,
                           resume_command=resume_command(cfg.sft.from_, preset, overrides, cfg.run.name))
-        typer.echo(summary["checkpoint"])
+        if summary["checkpoint"]:  # None on the other ranks of a torchrun job
+            typer.echo(summary["checkpoint"])
 
 
 @app.command()

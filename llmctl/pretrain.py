@@ -209,7 +209,7 @@ def fit_stage(cfg: Config, stage: str, console: Console, *, model: torch.nn.Modu
         raise
     finally:
         progress.close()
-    summary["checkpoint"] = str(checkpoints.last_path)
+    summary["checkpoint"] = str(checkpoints.last_path) if dist_info.is_main else None  # only rank 0 saves
     summary["run_dir"] = str(run_dir)
     progress.say(f"done: {summary['step']} steps, {summary['tokens']:,} tokens in "
                  f"{summary['seconds']:.1f}s; final checkpoint {checkpoints.last_path}")

@@ -29,7 +29,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
 import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,7 +48,7 @@ from llmctl.errors import ConfigError, LlmctlError
 from llmctl.evaluate import evaluate_examples
 from llmctl.model import Transformer
 from llmctl.pretrain import fit_stage, run_dir_of
-from llmctl.runtime import autocast, resolve_device, resolve_dtype, seed_everything
+from llmctl.runtime import autocast, init_distributed, resolve_dtype, seed_everything
 from llmctl.trainer import Callback, Trainer
 
 STAGE = "sft"
@@ -232,7 +231,9 @@ def run_sft(cfg: Config, base: Base, console: Console, overwrite: bool = False, 
     checkpoint; returns fit_stage's summary plus example counts and the last logged samples."""
     run_dir = run_dir_of(cfg)
     check_run_dir(run_dir, resume=resume, overwrite=overwrite)
-    device = resolve_device(cfg.run.device)
+    dist_info, device = init_distributed(cfg.run.device, cfg.run.distributed)  # alone: rank 0 of 1
+    if not dist_info.is_main:
+        console = Console(quiet=True)  # one voice: rank 0 prints, logs and saves
     dtype = resolve_dtype(cfg.run.dtype, device)
     tokenizer, template = base.tokenizer, base.template
     point = find_resume_point(run_dir, STAGE, cfg, tokenizer) if resume else None
@@ -275,7 +276,7 @@ def run_sft(cfg: Config, base: Base, console: Console, overwrite: bool = False, 
 
     def callbacks(say_line: Callable[[str], None]) -> list[Callback]:
         prompts = sample_prompts(data.validation, cfg.sft.samples)
-        if not prompts or int(os.environ.get("WORLD_SIZE", "1")) > 1:  # sharded weights: no single-rank forward
+        if not prompts or dist_info.enabled:  # FSDP's sharded weights allow no forward on one rank alone
             return []
         samples.append(SampleCallback(prompts, template, tokenizer, cfg.sft.sample_tokens, max_len, dtype, say_line))
         return samples
@@ -292,7 +293,7 @@ def run_sft(cfg: Config, base: Base, console: Console, overwrite: bool = False, 
     summary = fit_stage(cfg, STAGE, console, model=model, batches=batches, evaluate=evaluate, tokenizer=tokenizer,
                         data_meta=meta, device=device, dtype=dtype, point=point, intro=intro, overwrite=overwrite,
                         resume_command=resume_command, seq_len=mean_len,
-                        checkpoint_extra={"template": template.to_state()}, callbacks=callbacks)
+                        checkpoint_extra={"template": template.to_state()}, callbacks=callbacks, dist_info=dist_info)
     summary.update(examples=len(train), held_out=len(validation), truncated=truncated, skipped=data.skipped,
                    samples=samples[0].last if samples else [], base=str(base.path))
     return summary
