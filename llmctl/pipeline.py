@@ -35,7 +35,7 @@ import torch
 from rich.console import Console
 
 from llmctl.checkpoint import resume_config_changes, step_checkpoints
-from llmctl.config import Config
+from llmctl.config import Config, config_from_dict
 from llmctl.data.sources import check_sources
 from llmctl.data.sft import check_sft_sources
 from llmctl.errors import ConfigError, LlmctlError
@@ -213,8 +213,6 @@ def run_pipeline(cfg: Config, console: Console, overrides: list[str] | None = No
         raise LlmctlError(f"the pretrain stage left no readable {pre_final}; run the same command again")
 
     # ---- sft
-    from llmctl.config import config_from_dict
-
     user = copy.deepcopy(cfg)
     user.run.name, user.sft.from_ = f"{name}-sft", str(pre_final)
     sft_cfg = sft_config(user, config_from_dict(pre_payload["config"]), overrides)
