@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import keyword
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -70,8 +71,10 @@ class TrainConfig:
     weight_decay: float = 0.1  # applied to matrices only
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float = 1.0  # max global gradient norm; 0 = off
-    lr_schedule: str = "constant"  # constant | cosine (after warmup)
-    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
+    lr_schedule: str = "constant"  # constant | cosine | wsd (warmup, stable, then linear decay)
+    min_lr_ratio: float = 0.1  # cosine/wsd floor as a fraction of lr
+    decay_fraction: float = 0.2  # wsd: the last part of the run (in time with max_time) spent decaying
+    max_time: str = ""  # time budget, e.g. "90s", "10m", "2h", "1h30m"; "" = none; ends at max_time or max_steps
     eval_every: int = 500  # steps between validation passes
     save_every: int = 2000  # steps between checkpoints
     keep_last: int = 0  # step checkpoints kept; 0 = all
@@ -132,7 +135,24 @@ class Config:
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 REPORT_TO = ("tensorboard", "wandb")  # trackers (llmctl.trackers), each an optional extra
-LR_SCHEDULES = ("constant", "cosine")
+LR_SCHEDULES = ("constant", "cosine", "wsd")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([smh])")
+_SECONDS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a budget like "90s", "10m", "2h", "1h30m" or "1.5h"; "" = 0 (no budget).
+    Raises ValueError for anything else (validation turns it into a ConfigError)."""
+    text = text.strip().lower()
+    if not text:
+        return 0.0
+    parts = _DURATION_PART.findall(text)
+    if not parts or _DURATION_PART.sub("", text).strip():
+        raise ValueError(text)
+    seconds = sum(float(n) * _SECONDS[unit] for n, unit in parts)
+    if seconds <= 0:
+        raise ValueError(text)
+    return seconds
 
 
 # --------------------------------------------------------------------------- presets
@@ -346,6 +366,12 @@ def validate_training(t: TrainConfig, section: str) -> None:
     _check(t.lr_schedule in LR_SCHEDULES,
            f"{section}.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got '{t.lr_schedule}'")
     _check(0 <= t.min_lr_ratio <= 1, f"{section}.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+    _check(0 < t.decay_fraction <= 1, f"{section}.decay_fraction must be in (0, 1], got {t.decay_fraction}")
+    try:
+        parse_duration(t.max_time)
+    except ValueError:
+        raise ConfigError(f"{section}.max_time must be a duration like \"90s\", \"10m\", \"2h\" or \"1h30m\" "
+                          f"(\"\" = no time limit), got '{t.max_time}'") from None
     _check(t.eval_every >= 1, f"{section}.eval_every must be >= 1, got {t.eval_every}")
     _check(t.save_every >= 1, f"{section}.save_every must be >= 1, got {t.save_every}")
     _check(t.keep_last >= 0, f"{section}.keep_last must be >= 0 (0 = keep all), got {t.keep_last}")

@@ -46,6 +46,8 @@ class Plan:
     total_tokens: int
     checkpoint_steps: list[int]
     eval_steps: int
+    max_time: str = ""  # the time budget; training ends at it or at max_steps, whichever comes first
+    lr_schedule: str = ""
 
     def rows(self) -> list[tuple[str, str]]:
         saves = self.checkpoint_steps
@@ -57,7 +59,11 @@ class Plan:
             ("accumulation steps", f"{self.accumulation_steps}"),
             ("total tokens", f"{self.total_tokens:,}"),
             ("checkpoints at steps", f"{shown + (', ' if shown else '')}final"),
-            ("evaluations", f"{self.eval_steps}"),
+            ("evaluations", f"{self.eval_steps}" + (" at most, plus one at the end" if self.max_time else "")),
+            ("time budget", f"{self.max_time} (or max_steps, whichever comes first; total tokens is then "
+                            f"an upper bound)" if self.max_time else "none (max_steps)"),
+            ("lr schedule", self.lr_schedule + (" (decay follows the time budget)" if self.max_time
+                                                and self.lr_schedule in ("wsd", "cosine") else "")),
         ]
 
 
@@ -81,6 +87,7 @@ def make_plan(cfg: Config) -> Plan:
         accumulation_steps=cfg.accumulation_steps, total_tokens=tokens_per_step * t.max_steps,
         checkpoint_steps=list(range(t.save_every, t.max_steps, t.save_every)),
         eval_steps=len(set(range(t.eval_every, t.max_steps + 1, t.eval_every)) | {t.max_steps}),
+        max_time=t.max_time, lr_schedule=t.lr_schedule,
     )
 
 
@@ -148,7 +155,8 @@ def run_pretrain(cfg: Config, console: Console, overwrite: bool = False, resume:
     intro = [f"run {cfg.run.name}: {plan.parameters:,} parameters on {device.type} "
              f"({str(dtype).removeprefix('torch.')}), {plan.tokens_per_step:,} tokens/step "
              f"({cfg.pretrain.batch_size} x {cfg.model.max_seq_len}, accumulation {plan.accumulation_steps}), "
-             f"{cfg.pretrain.max_steps} steps",
+             f"{cfg.pretrain.max_steps} steps" + (f" or {cfg.pretrain.max_time}, whichever comes first"
+                                                  if cfg.pretrain.max_time else ""),
              f"data: {len(train_tokens):,} train tokens, {len(val_tokens):,} validation tokens (cache {store.path})"]
     return fit_stage(cfg, STAGE, console, model=model, batches=batches, evaluate=evaluate, tokenizer=tokenizer,
                      data_meta=store.meta, device=device, dtype=dtype, point=point, intro=intro,

@@ -40,22 +40,37 @@ from typing import Any, Protocol
 
 import torch
 
-from llmctl.config import TrainConfig
+from llmctl.config import TrainConfig, parse_duration
 from llmctl.errors import ConfigError, LlmctlError
 from llmctl.runtime import (DistInfo, StopRequested, StopSignals, all_ranks_sum, autocast, rng_state, set_rng_state,
                             signal_name)
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup from 0, then
-    constant, or cosine down to `min_lr_ratio * lr` at max_steps."""
+def lr_at(step: int, cfg: TrainConfig, progress: float | None = None) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup from 0 over
+    warmup_steps, then constant; or cosine down to `min_lr_ratio * lr` at the end; or wsd:
+    constant, then a linear decay to `min_lr_ratio * lr` over the last `decay_fraction`.
+
+    `progress` is the fraction of the run done, in [0, 1]; the trainer passes elapsed time
+    over max_time when a time budget is set (or the step fraction, whichever is further),
+    else None and the schedule follows steps: a pure function of (step, cfg), so step-based
+    runs are exactly reproducible. Warmup always counts steps."""
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
+    floor = cfg.lr * cfg.min_lr_ratio
     if cfg.lr_schedule == "cosine":
-        span = max(1, cfg.max_steps - cfg.warmup_steps)
-        progress = min(1.0, (step - cfg.warmup_steps) / span)
-        floor = cfg.lr * cfg.min_lr_ratio
+        if progress is None:
+            span = max(1, cfg.max_steps - cfg.warmup_steps)
+            progress = (step - cfg.warmup_steps) / span
+        progress = min(1.0, max(0.0, progress))
         return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
+    if cfg.lr_schedule == "wsd":
+        # fraction of the run still ahead (steps counted exactly, without float round-off)
+        left = (cfg.max_steps - step) / cfg.max_steps if progress is None else 1.0 - progress
+        left = min(1.0, max(0.0, left))
+        if left >= cfg.decay_fraction:
+            return cfg.lr
+        return floor + (cfg.lr - floor) * left / cfg.decay_fraction
     return cfg.lr
 
 
@@ -223,6 +238,11 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
         self.step = 0  # optimizer steps completed
         self.tokens_seen = 0
+        # Time budget: seconds of fit() so far, over every resume (rank 0's clock, shared by all
+        # ranks so that they agree on the LR and on the step that ends the run).
+        self.max_time = parse_duration(cfg.max_time)
+        self.train_seconds = 0.0
+        self.out_of_time = False
         self.history: list[dict[str, Any]] = []  # eval records, for resume and summaries
         self.forward_model: torch.nn.Module = self._ddp or model
         self._compile_pending = compile
@@ -240,7 +260,7 @@ class Trainer:
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step over `accumulation` micro-batches; returns device tensors
         (mean loss, gradient norm before clipping) without synchronising."""
-        lr = lr_at(self.step, self.cfg)
+        lr = lr_at(self.step, self.cfg, self.progress())
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=self.device)
@@ -269,6 +289,27 @@ class Trainer:
         self.step += 1
         self.tokens_seen += self.cfg.batch_size * self.seq_len
         return loss_sum, grad_norm
+
+    def progress(self) -> float | None:
+        """Fraction of a time-budgeted run done (time or steps, whichever is further); None
+        without max_time, so the LR schedule stays a pure function of the step."""
+        if not self.max_time:
+            return None
+        return min(1.0, max(self.train_seconds / self.max_time, self.step / self.cfg.max_steps))
+
+    def _tick(self, clock_start: float) -> None:
+        """Update the time spent and decide whether the budget is gone. Rank 0's clock decides
+        and is shared (one all-reduce per step, only with max_time) so every rank stops at the
+        same step with the same learning rates."""
+        if not self.max_time:
+            return
+        seconds = time.perf_counter() - clock_start if self.dist.is_main else 0.0
+        if self.dist.enabled:
+            shared = torch.tensor([seconds], dtype=torch.float64,
+                                  device=self.device if self.device.type == "cuda" else "cpu")
+            seconds = float(all_ranks_sum(shared, self.dist).item())
+        self.train_seconds = seconds
+        self.out_of_time = seconds >= self.max_time
 
     def _gradient_sync(self, last_micro_step: bool) -> contextlib.AbstractContextManager:
         """Across ranks, gradients are averaged once per optimizer step, after the last
@@ -313,27 +354,34 @@ class Trainer:
         cfg = self.cfg
         interval_start, interval_tokens = time.perf_counter(), 0
         fit_start = time.perf_counter()
+        clock_start = fit_start - self.train_seconds  # the budget counts the time spent before a resume
         start_step = self.step
+        self._tick(clock_start)
         if self._eval_pending():  # saved at an eval step, but that evaluation never finished
             self._eval_or_stop()
-        while self.step < cfg.max_steps:
+        while self.step < cfg.max_steps and not self.out_of_time:
             self._stop_if_requested()
+            lr = lr_at(self.step, cfg, self.progress())
             loss, grad_norm = self.train_step()
             self._watch(loss, grad_norm)
             interval_tokens += cfg.batch_size * self.seq_len
-            step, last = self.step, self.step == cfg.max_steps
+            self._tick(clock_start)
+            step, last = self.step, self.step == cfg.max_steps or self.out_of_time
             if step % self.log_every == 0 or last or step == start_step + 1:
                 now = time.perf_counter()
                 # the one host sync per log interval (and, distributed, the mean over ranks)
                 loss_value = float(all_ranks_sum(loss.detach().float(), self.dist)) / self.dist.world_size
                 steps_left = cfg.max_steps - step
                 per_step = (now - fit_start) / max(1, step - start_step)
+                eta = steps_left * per_step
+                if self.max_time:
+                    eta = min(eta, max(0.0, self.max_time - self.train_seconds))
                 record = {
                     "step": step, "max_steps": cfg.max_steps, "loss": loss_value,
-                    "perplexity": math.exp(min(loss_value, 700.0)), "lr": lr_at(step - 1, cfg),
+                    "perplexity": math.exp(min(loss_value, 700.0)), "lr": lr,
                     "grad_norm": float(grad_norm), "tokens": self.tokens_seen,
                     "tokens_per_sec": interval_tokens / max(now - interval_start, 1e-9),
-                    "eta_seconds": steps_left * per_step, "elapsed_seconds": now - fit_start,
+                    "eta_seconds": eta, "elapsed_seconds": now - fit_start,
                 }
                 for cb in self.callbacks:
                     cb.on_log(self, record)
@@ -347,8 +395,10 @@ class Trainer:
             if (step % cfg.eval_every == 0 or last) and self.evaluate_fn is not None:
                 self._eval_or_stop()
             interval_start += time.perf_counter() - pause_start  # tokens/s counts training time only
+        self._tick(clock_start)
         summary = {"step": self.step, "tokens": self.tokens_seen,
                    "seconds": time.perf_counter() - fit_start,
+                   "stopped_by": "max_time" if self.out_of_time and self.step < cfg.max_steps else "max_steps",
                    "val_loss": self.history[-1]["val_loss"] if self.history else None,
                    "val_perplexity": self.history[-1]["val_perplexity"] if self.history else None,
                    "best": self.best}
@@ -356,7 +406,8 @@ class Trainer:
         return summary
 
     def _eval_pending(self) -> bool:
-        due = self.step > 0 and (self.step % self.cfg.eval_every == 0 or self.step == self.cfg.max_steps)
+        due = self.step > 0 and (self.step % self.cfg.eval_every == 0 or self.step == self.cfg.max_steps
+                                 or self.out_of_time)
         return due and self.evaluate_fn is not None and not any(h["step"] == self.step for h in self.history)
 
     def _eval_or_stop(self) -> None:
@@ -464,6 +515,7 @@ class Trainer:
             "data_position": self.batches.state_dict(),
             "rng": rng_state(),
             "history": list(self.history),
+            "train_seconds": self.train_seconds,
         }
         if self.scaler is not None:
             state["grad_scaler"] = self.scaler.state_dict()
@@ -500,5 +552,6 @@ class Trainer:
         self.step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
         self.history = list(state.get("history", []))
+        self.train_seconds = float(state.get("train_seconds", 0.0))
         self._checked_good = self.step
         self._saved_step = self.step  # its checkpoint exists already
