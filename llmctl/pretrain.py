@@ -25,7 +25,7 @@ from llmctl.data.store import prepare_store
 from llmctl.data.report import PrepareDisplay
 from llmctl.data.tokenizer import TextTokenizer, planned_vocab_size, resolve_tokenizer
 from llmctl.errors import ConfigError, LlmctlError
-from llmctl.evaluate import evaluate_tokens
+from llmctl.evaluate import bits_per_byte, evaluate_tokens, stream_bytes
 from llmctl.model import Transformer
 from llmctl.progress import MetricsCallback, ProgressCallback, RunLog
 from llmctl.runtime import DistInfo, autocast, barrier, init_distributed, resolve_dtype, seed_everything
@@ -146,9 +146,15 @@ def run_pretrain(cfg: Config, console: Console, overwrite: bool = False, resume:
                                cfg.run.seed)
     eval_batch = cfg.eval.batch_size or cfg.pretrain.micro_batch_size
 
+    scored_bytes: list[int] = []  # UTF-8 bytes of the scored validation text, counted once
+
     def evaluate() -> dict[str, float]:
-        return evaluate_tokens(model, val_tokens, cfg.model.max_seq_len, eval_batch, device,
-                               autocast(device, dtype), cfg.eval.max_tokens, dist=dist_info)
+        result = evaluate_tokens(model, val_tokens, cfg.model.max_seq_len, eval_batch, device,
+                                 autocast(device, dtype), cfg.eval.max_tokens, dist=dist_info)
+        if not scored_bytes:
+            scored_bytes.append(stream_bytes(val_tokens[: result["tokens"] + 1], tokenizer))
+        result["bits_per_byte"] = bits_per_byte(result["loss_sum"], scored_bytes[0])
+        return result
 
     # Nothing was written before this point: every input has been checked.
     plan = make_plan(cfg)

@@ -276,6 +276,15 @@ def shutdown_distributed(info: DistInfo) -> None:
         import torch.distributed as dist
 
         if dist.is_initialized():
+            # Ranks leave together: a rank that tears its group down while another is still
+            # finishing (writing the last checkpoint or plot) can abort the other's exit.
+            with contextlib.suppress(Exception):
+                if dist.get_backend() == "gloo":
+                    import datetime
+
+                    dist.monitored_barrier(timeout=datetime.timedelta(seconds=120))
+                else:
+                    dist.barrier()
             dist.destroy_process_group()
 
 

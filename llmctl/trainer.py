@@ -488,6 +488,8 @@ class Trainer:
                   "val_perplexity": result["perplexity"], "val_tokens": result["tokens"],
                   "eval_seconds": result["seconds"],
                   "best": math.isfinite(result["loss"]) and (best is None or result["loss"] < best["val_loss"])}
+        if "bits_per_byte" in result:
+            record["val_bits_per_byte"] = result["bits_per_byte"]
         self.history.append(record)
         for cb in self.callbacks:
             cb.on_eval(self, record)

@@ -60,6 +60,7 @@ def test_pretrain_tiny_end_to_end(tiny_run):
     trains = [r for r in records if r["type"] == "train"]
     assert [e["step"] for e in evals] == [30, 60]
     assert evals[-1]["val_perplexity"] < evals[0]["val_perplexity"]
+    assert all(0 < e["val_bits_per_byte"] < 8 for e in evals)
     assert trains[-1]["loss"] < trains[0]["loss"] - 2.0  # from ~ln(50257) = 10.8 down
     assert all({"step", "loss", "lr", "tokens_per_sec"} <= set(r) for r in trains)
 

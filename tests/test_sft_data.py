@@ -88,7 +88,7 @@ def test_template_round_trip_and_jinja_matches(tok):
     rendered = Template(ChatTemplate().to_jinja("<|endoftext|>")).render(
         messages=[{"role": r, "content": c} for r, c in messages], add_generation_prompt=False)
     expected = "".join("<|endoftext|>" if t == "<eos>" else t for t, _ in render_segments(messages, ChatTemplate()))
-    assert rendered == expected + "\n"
+    assert rendered == expected
 
 
 def test_dolly_file_reads_with_line_numbers(tmp_path):

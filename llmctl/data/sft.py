@@ -69,7 +69,8 @@ class ChatTemplate:
             f"{{% if message['role'] == 'system' %}}{{{{ {part(self.system)} }}}}"
             f"{{% elif message['role'] == 'user' %}}{{{{ {part(self.user)} }}}}"
             f"{{% else %}}{{{{ {json.dumps(self.assistant_prefix)} + {part(self.assistant)} + "
-            f"{json.dumps(eos_token)} + {json.dumps(self.after_assistant)} }}}}{{% endif %}}"
+            f"{json.dumps(eos_token)} }}}}{{% if not loop.last %}}{{{{ {json.dumps(self.after_assistant)} }}}}"
+            f"{{% endif %}}{{% endif %}}"
             "{% endfor %}"
             f"{{% if add_generation_prompt %}}{{{{ {json.dumps(self.assistant_prefix)} }}}}{{% endif %}}"
         )
