@@ -69,13 +69,6 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     _fsync_dir(path.parent)  # make the rename itself durable
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """A small text file (config.toml) replaced in one step, never left half-written."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 
 

@@ -14,12 +14,11 @@ renamed, so an existing picture is replaced whole or not at all.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmctl.atomic import atomic_write
 from llmctl.errors import ConfigError, LlmctlError
 from llmctl.runs import is_run_dir, read_metrics
 
@@ -117,18 +116,7 @@ def loss_figure(runs: list[Curves]) -> Any:
 
 def save_png(fig: Any, out: Path) -> None:
     """Write the figure as PNG at `out`, atomically (temp file in the same folder, then rename)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png")
-        os.replace(tmp, out)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write(out, lambda f: fig.savefig(f, format="png"))
 
 
 def plot_runs(runs: list[str | Path], out: str | Path) -> dict[str, Any]:

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from llmctl.checkpoint import (CheckpointCallback, ResumePoint, check_run_dir, check_same_data, find_resume_point,
-                               write_text_atomic)
+from llmctl.atomic import write_text_atomic
+from llmctl.checkpoint import CheckpointCallback, ResumePoint, check_run_dir, check_same_data, find_resume_point
 from llmctl.config import Config
 from llmctl.data.batches import training_windows
 from llmctl.data.sources import check_sources

@@ -27,12 +27,12 @@ import math
 import os
 import re
 import socket
-import tempfile
 import time
 import tomllib
 from pathlib import Path
 from typing import Any
 
+from llmctl.atomic import write_text_atomic
 from llmctl.errors import LlmctlError
 
 STATUS_FILE = "status.json"
@@ -86,17 +86,7 @@ def process_alive(status: dict[str, Any]) -> bool | None:
 
 def write_status(run_dir: Path, record: dict[str, Any]) -> None:
     """Replace status.json in one step (a reader never sees half a record)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{STATUS_FILE}.", suffix=".tmp", dir=run_dir)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(record, f, indent=1)
-        os.replace(tmp, run_dir / STATUS_FILE)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    write_text_atomic(run_dir / STATUS_FILE, json.dumps(record, indent=1))
 
 
 def read_status(run_dir: Path) -> dict[str, Any] | None:
