@@ -106,7 +106,6 @@ ROWS: list[Bad] = [
     Bad("range-lr-schedule", pretrain(*s("pretrain.lr_schedule=linear")), 2, "one of constant, cosine, wsd"),
     Bad("range-decay-fraction", pretrain(*s("pretrain.decay_fraction=0")), 2, "pretrain.decay_fraction must be in (0, 1]"),
     Bad("range-min-lr-ratio", pretrain(*s("pretrain.min_lr_ratio=2")), 2, "pretrain.min_lr_ratio must be in [0, 1]"),
-    Bad("range-lr-schedule", pretrain(*s("pretrain.lr_schedule=linear")), 2, "pretrain.lr_schedule must be one of constant, cosine"),
     Bad("range-betas-length", pretrain(*s("pretrain.betas=[0.9]")), 2, "pretrain.betas must be two numbers"),
     Bad("range-eval-max-tokens", pretrain(*s("eval.max_tokens=-5")), 2, "eval.max_tokens must be >= 0"),
     Bad("run-name-with-slash", pretrain("--run-name", "a/b"), 2, "run.name must be a plain directory name"),
