@@ -1,0 +1,200 @@
+"""Choose the CPU recipe by experiment: train candidates for a fixed time budget, score held-out bits per byte.
+
+The text is WikiText-2's validation file (`/work/shared/data/wikitext-2-raw/wiki.valid.raw`,
+1.1 MB). Its last HELD_OUT articles (` = Title = ` headings) are written to a temporary
+`heldout.txt`; every candidate trains on the rest (`train.txt`, via a `text:` spec) with
+`llmctl pretrain --set pretrain.max_time=<budget>`, then is scored with
+`llmctl eval --data text:heldout.txt --json` (fp32, disjoint context windows). Bits per byte
+do not depend on the tokenizer, so GPT-2 and small trained BPEs compare fairly.
+
+Each candidate is a real CLI run in a subprocess (tokenizer training and token caching are
+outside the budget: the budget counts the training loop, evaluations included, as
+`pretrain.max_time` does). The machine is shared and its speed drifts by about ±20%: the
+script waits for a 1-minute load average below 1.2 before each run, and rankings from short
+budgets are confirmed at the full budget.
+
+    python benchmarks/sweep_local.py --budget 2m cand1 cand2 ...   # rank candidates
+    python benchmarks/sweep_local.py --budget 10m cpu-10m          # a preset as a user runs it
+    python benchmarks/sweep_local.py --list
+
+Every result is appended to benchmarks/sweep_local_results.jsonl (candidate, budget, steps,
+tokens, held-out bits per byte and perplexity, machine load before the run); the summary of
+what was measured and chosen is in benchmarks/sweep_local_results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCE = Path("/work/shared/data/wikitext-2-raw/wiki.valid.raw")
+GPT2 = "/work/shared/data/tokenizers/gpt2"
+RESULTS = Path(__file__).resolve().parent / "sweep_local_results.jsonl"
+HELD_OUT = 5  # articles kept out of training (the last ones in the file)
+HEADING = re.compile(r"^ = [^=].* = $")
+
+# Every candidate starts from presets/local.toml's [run]/[model]/[eval] keys and these overrides.
+COMMON = {
+    "run.device": "cpu", "run.log_every": "50",
+    "pretrain.eval_every": "1000000", "pretrain.save_every": "1000000",  # one eval + save, at the end
+    "pretrain.max_steps": "1000000", "pretrain.min_lr_ratio": "0.0",
+    "data.validation_fraction": "0.02", "eval.max_tokens": "32768",
+}
+
+
+def model(d: int, layers: int, heads: int, kv: int = 0, seq: int = 256) -> dict[str, str]:
+    return {"model.d_model": str(d), "model.n_layers": str(layers), "model.n_heads": str(heads),
+            "model.n_kv_heads": str(kv or heads), "model.max_seq_len": str(seq)}
+
+
+def train(lr: float, batch: int, micro: int, warmup: int = 50, schedule: str = "wsd", decay: float = 0.3,
+          wd: float = 0.1) -> dict[str, str]:
+    return {"pretrain.lr": str(lr), "pretrain.batch_size": str(batch), "pretrain.micro_batch_size": str(micro),
+            "pretrain.warmup_steps": str(warmup), "pretrain.lr_schedule": schedule,
+            "pretrain.decay_fraction": str(decay), "pretrain.weight_decay": str(wd)}
+
+
+def tok(spec: str) -> dict[str, str]:
+    return {"data.tokenizer": spec}
+
+
+BF16 = {"run.dtype": "bfloat16"}
+FP32 = {"run.dtype": "float32"}
+
+CANDIDATES: dict[str, dict[str, str]] = {
+    # First round (2m): 32 x 256 tokens per step and 50 warmup steps. At ~2.5k tokens/s that is
+    # ~3 s a step, 37 steps in 2 minutes, still warming up: 3.08 bits per byte. Steps are the
+    # scarce thing, so the second round takes small batches and a short warmup.
+    "v2k-256x4": {**tok("train:2048"), **model(256, 4, 4), **train(2e-3, 32, 16), **BF16},
+    # Second round: 16 x 128 = 2,048 tokens per step, 20 warmup steps.
+    "v2k-256x4-s128": {**tok("train:2048"), **model(256, 4, 4, seq=128), **train(3e-3, 16, 16, warmup=20), **BF16},
+    "v4k-256x4-s128": {**tok("train:4096"), **model(256, 4, 4, seq=128), **train(3e-3, 16, 16, warmup=20), **BF16},
+    "v1k-256x4-s128": {**tok("train:1024"), **model(256, 4, 4, seq=128), **train(3e-3, 16, 16, warmup=20), **BF16},
+    "v2k-192x4-s128": {**tok("train:2048"), **model(192, 4, 4, seq=128), **train(3e-3, 16, 16, warmup=20), **BF16},
+    "v2k-384x6-s128": {**tok("train:2048"), **model(384, 6, 6, seq=128), **train(2e-3, 16, 16, warmup=20), **BF16},
+    "v2k-256x4-s256b8": {**tok("train:2048"), **model(256, 4, 4), **train(3e-3, 8, 8, warmup=20), **BF16},
+    "v2k-256x4-s128-lr6e-3": {**tok("train:2048"), **model(256, 4, 4, seq=128), **train(6e-3, 16, 16, warmup=20),
+                              **BF16},
+    "v2k-256x4-s128-fp32": {**tok("train:2048"), **model(256, 4, 4, seq=128), **train(3e-3, 16, 16, warmup=20),
+                            **FP32},
+    "gpt2-256x4-s128": {**tok(GPT2), **model(256, 4, 4, seq=128), **train(3e-3, 16, 16, warmup=20), **BF16},
+}
+
+
+# Named presets run as a user runs them: only the data and the output folder are set.
+PRESETS = ("cpu-10m", "local")
+
+
+def split(workdir: Path) -> tuple[Path, Path]:
+    """train.txt = all but the last HELD_OUT articles; heldout.txt = those articles."""
+    lines = SOURCE.read_text(encoding="utf-8").splitlines(keepends=True)
+    starts = [i for i, line in enumerate(lines) if HEADING.match(line)]
+    cut = starts[-HELD_OUT]
+    train_file, heldout_file = workdir / "train.txt", workdir / "heldout.txt"
+    train_file.write_text("".join(lines[:cut]), encoding="utf-8")
+    heldout_file.write_text("".join(lines[cut:]), encoding="utf-8")
+    return train_file, heldout_file
+
+
+def wait_for_quiet(limit: float = 1.2, patience_s: int = 30) -> float:
+    """Wait (up to patience_s) for a 1-minute load average below `limit`; returns the last reading.
+    The reading includes this script's own tokenizer and cache step just before, so the wait is short."""
+    deadline = time.time() + patience_s
+    while True:
+        load = os.getloadavg()[0]
+        if load <= limit or time.time() > deadline:
+            return load
+        time.sleep(30)
+
+
+def llmctl(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "llmctl", *args], capture_output=True, text=True, env=env)
+
+
+def run_candidate(name: str, budget: str, workdir: Path, train_file: Path, heldout: Path,
+                  preset: str = "local") -> dict:
+    if name in PRESETS:
+        preset, overrides = name, {}
+        sets = {"data.datasets": f'["text:{train_file}"]', "run.output_dir": str(workdir / "runs"),
+                "pretrain.max_time": f'"{budget}"'}
+    else:
+        overrides = CANDIDATES[name]
+        sets = {**COMMON, "data.datasets": f'["text:{train_file}"]', "run.output_dir": str(workdir / "runs"),
+                "pretrain.max_time": f'"{budget}"', **overrides}
+    env = {**os.environ, "LLMCTL_CACHE": str(workdir / "cache")}
+    args = ["pretrain", "--preset", preset, "--run-name", name, "--overwrite"]
+    for key, value in sets.items():
+        args += ["--set", f"{key}={value}"]
+    # tokenizer and token store first (outside the timed part), then the quiet-machine check
+    prep = llmctl(*args, "--set", "pretrain.max_steps=1", env=env)
+    if prep.returncode:
+        raise SystemExit(f"{name}: pretrain failed:\n{prep.stderr[-2000:]}")
+    load = wait_for_quiet()
+    t0 = time.time()
+    trained = llmctl(*args, env=env)
+    wall = time.time() - t0
+    if trained.returncode:
+        raise SystemExit(f"{name}: pretrain failed:\n{trained.stderr[-2000:]}")
+    run_dir = workdir / "runs" / name
+    scored = llmctl("eval", "--checkpoint", str(run_dir), "--data", f"text:{heldout}", "--json", env=env)
+    if scored.returncode:
+        raise SystemExit(f"{name}: eval failed:\n{scored.stderr[-2000:]}")
+    report = json.loads(scored.stdout)
+    row = _first_row(report)
+    status = json.loads((run_dir / "status.json").read_text()) if (run_dir / "status.json").exists() else {}
+    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [m for m in metrics if m.get("type") == "train"]
+    return {"candidate": name, "budget": budget, "overrides": overrides,
+            "steps": train_rows[-1]["step"] if train_rows else None,
+            "tokens": train_rows[-1]["tokens"] if train_rows else None,
+            "train_loss": train_rows[-1]["loss"] if train_rows else None,
+            "heldout_bpb": row.get("bits_per_byte"), "heldout_ppl": row.get("perplexity"),
+            "heldout_loss": row.get("loss"), "wall_s": round(wall, 1), "load_before": round(load, 2),
+            "status": status.get("state")}
+
+
+def _first_row(report: dict) -> dict:
+    """The eval JSON's row for the held-out spec."""
+    return next(iter(report["datasets"].values()))  # {"datasets": {spec: {loss, perplexity, bits_per_byte, ...}}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("candidates", nargs="*", help="candidate names (see --list)")
+    parser.add_argument("--budget", default="2m", help="pretrain.max_time for every candidate")
+    parser.add_argument("--preset", default="local", help="the preset candidates override")
+    parser.add_argument("--workdir", default="", help="keep runs here (default: a temporary folder)")
+    parser.add_argument("--list", action="store_true", help="list the candidates and exit")
+    a = parser.parse_args()
+    if a.list or not a.candidates:
+        for name, sets in CANDIDATES.items():
+            print(f"{name:20s} {' '.join(f'{k}={v}' for k, v in sets.items())}")
+        return
+    unknown = [c for c in a.candidates if c not in CANDIDATES and c not in PRESETS]
+    if unknown:
+        raise SystemExit(f"unknown candidates: {', '.join(unknown)}; see --list")
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(a.workdir or tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        train_file, heldout = split(workdir)
+        print(f"train {train_file.stat().st_size:,} bytes, held out {heldout.stat().st_size:,} bytes "
+              f"({HELD_OUT} articles); budget {a.budget}", flush=True)
+        for name in a.candidates:
+            result = run_candidate(name, a.budget, workdir, train_file, heldout, a.preset)
+            with open(RESULTS, "a") as f:
+                f.write(json.dumps(result) + "\n")
+            print(f"{name:20s} bpb {result['heldout_bpb']:.4f}  ppl {result['heldout_ppl']:.2f}  "
+                  f"steps {result['steps']}  tokens {result['tokens']:,}  load {result['load_before']}",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
