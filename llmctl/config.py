@@ -58,6 +58,7 @@ class ModelConfig:
     init_std: float = 0.02
     pad_vocab_multiple: int = 64  # embedding rows padded for faster matmuls
     use_attention_sinks: bool = False  # learned per-head sink logit (explicit attention path)
+    dropout: float = 0.0  # embedding, attention and residual dropout in training; 0.1-0.2 for small data
     gradient_checkpointing: bool = False  # recompute each block in backward to save memory
 
 
@@ -330,6 +331,7 @@ def validate(cfg: Config) -> None:
     kv = m.n_kv_heads or m.n_heads
     _check(m.n_heads % kv == 0,
            f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({kv})")
+    _check(0 <= m.dropout < 1, f"model.dropout must be in [0, 1), got {m.dropout}")
     _check(m.rope_theta > 0, f"model.rope_theta must be > 0, got {m.rope_theta}")
     _check(m.norm_eps > 0, f"model.norm_eps must be > 0, got {m.norm_eps}")
     _check(m.init_std > 0, f"model.init_std must be > 0, got {m.init_std}")

@@ -146,6 +146,7 @@ class Attention(nn.Module):
         # One learned logit per head that competes in the softmax but attends to nothing:
         # heads can "park" attention there instead of on the first token.
         self.sinks = nn.Parameter(torch.zeros(self.n_heads)) if cfg.use_attention_sinks else None
+        self.dropout = cfg.dropout  # on attention probabilities and the block's output, in training
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | None = None) -> torch.Tensor:
@@ -157,13 +158,14 @@ class Attention(nn.Module):
             k, v, mask = cache.update(self.layer, k, v)  # (B, K, S, D), mask (T, S) or None
         if self.sinks is None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=cache is None,
+                                               dropout_p=self.dropout if self.training else 0.0,
                                                enable_gqa=self.n_kv_heads != self.n_heads)
         else:
             if cache is None:
                 mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
             y = self._attend_with_sinks(q, k, v, mask)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, C)
-        return self.wo(y)
+        return F.dropout(self.wo(y), self.dropout, self.training)
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, T, C) -> q (B, H, T, D), k and v (B, K, T, D), before RoPE."""
@@ -186,6 +188,7 @@ class Attention(nn.Module):
             scores = scores.masked_fill(~mask, float("-inf"))
         sink = self.sinks.to(scores.dtype).view(1, -1, 1, 1).expand(q.size(0), -1, T, 1)
         probs = torch.cat([scores, sink], dim=-1).float().softmax(dim=-1)[..., :S]  # drop the sink
+        probs = F.dropout(probs, self.dropout, self.training)
         return probs.to(v.dtype) @ v
 
 
@@ -196,10 +199,11 @@ class SwiGLU(nn.Module):
         self.hidden = hidden
         self.w13 = nn.Linear(cfg.d_model, 2 * hidden, bias=False)  # gate rows, then up rows: one GEMM
         self.w2 = nn.Linear(hidden, cfg.d_model, bias=False)  # down
+        self.dropout = cfg.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.w13(x).split(self.hidden, dim=-1)  # (B, T, hidden) each
-        return self.w2(F.silu(gate) * up)
+        return F.dropout(self.w2(F.silu(gate) * up), self.dropout, self.training)
 
 
 class Block(nn.Module):
@@ -263,7 +267,7 @@ class Transformer(nn.Module):
         else:
             cache.begin(T, idx.device)
             cos, sin = self._rope(cache.pos, cache.pos + T)
-        x = self.tok_emb(idx)  # (B, T, C)
+        x = F.dropout(self.tok_emb(idx), self.cfg.dropout, self.training)  # (B, T, C)
         for block in self.blocks:
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(block, x, cos, sin, use_reentrant=False)

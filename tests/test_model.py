@@ -120,3 +120,23 @@ def test_llama_state_dict_gives_transformers_llama_the_same_logits(kv_heads):
     idx = torch.randint(0, cfg.vocab_size, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(llama(input_ids=idx).logits, ours(idx), atol=1e-5, rtol=1e-4)
+
+
+def test_dropout_acts_only_in_training_and_zero_changes_nothing():
+    torch.manual_seed(0)
+    plain = Transformer(tiny_cfg())
+    dropped = Transformer(tiny_cfg(dropout=0.2))
+    dropped.load_state_dict(plain.state_dict())
+    idx = torch.randint(0, 100, (2, 16))
+    plain.train()
+    dropped.train()
+    assert not torch.equal(dropped(idx), dropped(idx))  # a fresh mask each call
+    torch.manual_seed(1)
+    a = dropped(idx)
+    torch.manual_seed(1)
+    torch.testing.assert_close(dropped(idx), a)  # seeded: reproducible (resume restores the RNG)
+    dropped.eval()
+    torch.testing.assert_close(dropped(idx), plain.eval()(idx))  # no dropout at inference
+    for sinks in (False, True):
+        m = Transformer(tiny_cfg(dropout=0.3, use_attention_sinks=sinks)).train()
+        m(idx, idx).backward()
