@@ -91,6 +91,10 @@ CANDIDATES: dict[str, dict[str, str]] = {
 
 # Named presets run as a user runs them: only the data and the output folder are set.
 PRESETS = ("cpu-10m", "local")
+# A preset with one lever changed, to test it at the full budget: name -> (preset, overrides).
+VARIANTS = {
+    "cpu-10m-wd1": ("cpu-10m", {"pretrain.weight_decay": "1.0"}),  # 10 min is ~20 epochs of 1 MB: regularise
+}
 
 
 def split(workdir: Path) -> tuple[Path, Path]:
@@ -121,10 +125,10 @@ def llmctl(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
 
 def run_candidate(name: str, budget: str, workdir: Path, train_file: Path, heldout: Path,
                   preset: str = "local") -> dict:
-    if name in PRESETS:
-        preset, overrides = name, {}
+    if name in PRESETS or name in VARIANTS:
+        preset, overrides = VARIANTS.get(name, (name, {}))
         sets = {"data.datasets": f'["text:{train_file}"]', "run.output_dir": str(workdir / "runs"),
-                "pretrain.max_time": f'"{budget}"'}
+                "pretrain.max_time": f'"{budget}"', **overrides}
     else:
         overrides = CANDIDATES[name]
         sets = {**COMMON, "data.datasets": f'["text:{train_file}"]', "run.output_dir": str(workdir / "runs"),
@@ -178,7 +182,7 @@ def main() -> None:
         for name, sets in CANDIDATES.items():
             print(f"{name:20s} {' '.join(f'{k}={v}' for k, v in sets.items())}")
         return
-    unknown = [c for c in a.candidates if c not in CANDIDATES and c not in PRESETS]
+    unknown = [c for c in a.candidates if c not in CANDIDATES and c not in PRESETS and c not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown candidates: {', '.join(unknown)}; see --list")
     with tempfile.TemporaryDirectory() as tmp:
