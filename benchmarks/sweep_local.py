@@ -94,6 +94,7 @@ PRESETS = ("cpu-10m", "local")
 # A preset with one lever changed, to test it at the full budget: name -> (preset, overrides).
 VARIANTS = {
     "cpu-10m-wd1": ("cpu-10m", {"pretrain.weight_decay": "1.0"}),  # 10 min is ~20 epochs of 1 MB: regularise
+    "cpu-10m-drop0.1": ("cpu-10m", {"model.dropout": "0.1"}),  # the preset (weight decay 1.0) plus dropout
 }
 
 
