@@ -1,6 +1,6 @@
 """Choose the CPU recipe by experiment: train candidates for a fixed time budget, score held-out bits per byte.
 
-The text is WikiText-2's validation file (`/work/shared/data/wikitext-2-raw/wiki.valid.raw`,
+The text is WikiText-2's validation file (`../shared/data/wikitext-2-raw/wiki.valid.raw`,
 1.1 MB). Its last HELD_OUT articles (` = Title = ` headings) are written to a temporary
 `heldout.txt`; every candidate trains on the rest (`train.txt`, via a `text:` spec) with
 `llmctl pretrain --set pretrain.max_time=<budget>`, then is scored with
@@ -35,8 +35,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCE = Path("/work/shared/data/wikitext-2-raw/wiki.valid.raw")
-GPT2 = "/work/shared/data/tokenizers/gpt2"
+SHARED_DATA = ROOT.parent / "shared" / "data"  # ../shared/data beside the repository
+SOURCE = SHARED_DATA / "wikitext-2-raw" / "wiki.valid.raw"
+GPT2 = str(SHARED_DATA / "tokenizers" / "gpt2")
 RESULTS = Path(__file__).resolve().parent / "sweep_local_results.jsonl"
 HELD_OUT = 5  # articles kept out of training (the last ones in the file)
 HEADING = re.compile(r"^ = [^=].* = $")
