@@ -23,7 +23,6 @@ import math
 import os
 import pickle
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any
 
 import torch
 
+from llmctl.atomic import atomic_write
 from llmctl.config import Config
 from llmctl.data.tokenizer import TextTokenizer
 from llmctl.errors import ConfigError, LlmctlError
@@ -53,19 +53,8 @@ def checkpoint_path(run_dir: Path, run_name: str, stage: str, step: int | None) 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     """Write atomically: temp file in the same folder, flush + fsync, rename, fsync the folder."""
     payload = {"kind": KIND, "format_version": FORMAT_VERSION, **payload}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with partial_file(tmp):  # a second Ctrl-C deletes it rather than leave half a file
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(payload, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+    # partial_file: a second Ctrl-C deletes the temporary file rather than leave half a file
+    atomic_write(path, lambda f: torch.save(payload, f), guard=partial_file)
     _fsync_dir(path.parent)  # make the rename itself durable
 
 
