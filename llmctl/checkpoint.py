@@ -218,7 +218,7 @@ def newest_checkpoint(run_dir: Path, stage: str) -> tuple[Path, dict[str, Any], 
 # run (the NaN guard's advice); the continuation is then no longer exact, and is announced.
 RESUME_SAFE = {"run.name", "run.output_dir", "run.device", "run.dtype", "run.compile", "run.log_every", "run.report_to",
                "data.cache_dir", "model.gradient_checkpointing", "eval.*"}
-RESUME_SAFE_TRAINING = {"max_steps", "eval_every", "save_every", "keep_last", "lr", "grad_clip"}
+RESUME_SAFE_TRAINING = {"max_steps", "max_time", "eval_every", "save_every", "keep_last", "lr", "grad_clip"}
 RESUME_SECTIONS = ("run", "data", "model", "eval")  # plus the training stage's own section
 
 
