@@ -50,3 +50,11 @@ def cli_env(tmp_path: Path) -> dict[str, str]:
 
 
 PYTHON = sys.executable
+
+
+@pytest.fixture(scope="session")
+def small_tok(tmp_path_factory, shakespeare) -> Path:
+    """A 320-token byte-level BPE trained on Tiny Shakespeare (see small_runs.py), built once."""
+    from small_runs import build_small_tokenizer
+
+    return build_small_tokenizer(tmp_path_factory.mktemp("tok"), shakespeare)

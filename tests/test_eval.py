@@ -26,14 +26,6 @@ from llmctl.model import Transformer
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine they thrash."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def tiny_model(vocab: int = 101, seq_len: int = 16, seed: int = 0) -> Transformer:
     torch.manual_seed(seed)

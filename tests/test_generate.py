@@ -18,14 +18,6 @@ from llmctl.generate import (IncrementalDecoder, Sampling, StopFilter, complete,
 from llmctl.model import KVCache, Transformer, apply_rope, rope_at
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine they thrash."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def tiny_model(seed: int = 0, **overrides) -> Transformer:
     base = dict(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16,

@@ -15,13 +15,6 @@ from conftest import shared_file
 from llmctl.cli import app
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:

@@ -24,20 +24,9 @@ from llmctl.data.batches import RandomWindows
 from llmctl.data.tokenizer import load_tokenizer
 from llmctl.model import Transformer
 from llmctl.trainer import Trainer, TrainingInterrupted
-from small_runs import build_small_tokenizer, small_run_args
+from small_runs import small_run_args
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def small_tok(tmp_path_factory, shakespeare) -> Path:
-    return build_small_tokenizer(tmp_path_factory.mktemp("tok"), shakespeare)
 
 
 @pytest.fixture(scope="module")

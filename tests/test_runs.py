@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from conftest import PYTHON
@@ -29,13 +28,6 @@ from small_runs import build_small_tokenizer, small_run_args
 
 HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def args(name: str, root: Path, tok: Path, text: Path, *sets: str) -> list[str]:

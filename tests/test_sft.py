@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,14 +18,6 @@ from llmctl.data.sft import IGNORE, ChatTemplate, encode_examples, load_sft_data
 from llmctl.evaluate import evaluate_examples
 from small_runs import build_small_tokenizer, small_run_args
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine they thrash."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -10,15 +10,6 @@ from llmctl.model import Transformer
 from llmctl.trainer import Trainer, lr_at
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls only lose to intra-op threads: on a busy 2-core machine the overfit test
-    took 36 s with 2 threads and 0.4 s with 1. The results do not depend on it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 class FixedBatches:
     """Serves consecutive slices of one fixed batch of sequences, cycling."""
