@@ -140,3 +140,30 @@ def test_dropout_acts_only_in_training_and_zero_changes_nothing():
     for sinks in (False, True):
         m = Transformer(tiny_cfg(dropout=0.3, use_attention_sinks=sinks)).train()
         m(idx, idx).backward()
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_explicit_bf16_attention_matches_sdpa(kv_heads, monkeypatch):
+    """On a CPU in bf16, short sequences take the explicit GEMM-softmax-GEMM path; its outputs
+    and gradients match SDPA's within bf16 rounding."""
+    import llmctl.model as model_module
+
+    torch.manual_seed(0)
+    model = Transformer(tiny_cfg(n_kv_heads=kv_heads))
+    idx = torch.randint(0, 100, (2, 16))
+
+    def run(explicit: bool):
+        monkeypatch.setattr(model_module, "_explicit_attention_wins", lambda q: explicit)
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", torch.bfloat16):
+            logits = model(idx).float()
+            loss = model(idx, idx)
+        loss.backward()
+        return logits, loss.detach(), model.blocks[0].attn.wqkv.weight.grad.clone()
+
+    assert model_module._explicit_attention_wins(torch.zeros(1, 1, 16, 8, dtype=torch.bfloat16))
+    assert not model_module._explicit_attention_wins(torch.zeros(1, 1, 16, 8))  # fp32: SDPA
+    a, b = run(True), run(False)
+    torch.testing.assert_close(a[0], b[0], atol=0.05, rtol=0.05)
+    torch.testing.assert_close(a[1], b[1], atol=0.01, rtol=0.01)
+    torch.testing.assert_close(a[2], b[2], atol=0.02, rtol=0.1)
