@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from llmctl.config import ModelConfig
+from llmctl.cross_entropy import linear_cross_entropy
 
 
 def padded_vocab_size(vocab_size: int, multiple: int) -> int:
@@ -301,13 +302,12 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.advance(T)
         x = self.norm(x[:, -1:] if last_only else x)
+        if targets is not None:  # the output layer fused with its loss: no fp32 logits
+            return linear_cross_entropy(x.flatten(0, 1), self.tok_emb.weight, targets.flatten(),
+                                        self.vocab_size, reduction)
         # The matmul runs on the padded shape; the padding columns are dropped before the
         # softmax so ids that do not exist get no probability.
-        logits = F.linear(x, self.tok_emb.weight)[..., : self.vocab_size]  # (B, T, vocab)
-        if targets is None:
-            return logits
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
-                               ignore_index=-100, reduction=reduction)
+        return F.linear(x, self.tok_emb.weight)[..., : self.vocab_size]  # (B, T, vocab)
 
     def _rope(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE tables for positions start..end-1: the precomputed ones, or fresh past max_seq_len."""
