@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from llmctl.config import ModelConfig
 from llmctl.cross_entropy import linear_cross_entropy
+from llmctl.dropout import dropout
 
 
 def padded_vocab_size(vocab_size: int, multiple: int) -> int:
@@ -168,7 +169,7 @@ class Attention(nn.Module):
                 mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
             y = self._attend_with_sinks(q, k, v, mask)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, C)
-        return F.dropout(self.wo(y), self.dropout, self.training)
+        return dropout(self.wo(y), self.dropout, self.training)
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, T, C) -> q (B, H, T, D), k and v (B, K, T, D), before RoPE."""
@@ -189,7 +190,7 @@ class Attention(nn.Module):
         causal = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)  # (T, T)
         scores = torch.baddbmm(causal.expand(B * H, T, T), q.reshape(B * H, T, D),
                                k.reshape(B * H, T, D).transpose(1, 2), alpha=1.0 / math.sqrt(D))
-        probs = F.dropout(scores.softmax(dim=-1), self.dropout, self.training)  # (B·H, T, T)
+        probs = dropout(scores.softmax(dim=-1), self.dropout, self.training)  # (B·H, T, T)
         return torch.bmm(probs, v.reshape(B * H, T, D)).view(B, H, T, D)
 
     def _attend_with_sinks(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -205,7 +206,7 @@ class Attention(nn.Module):
             scores = scores.masked_fill(~mask, float("-inf"))
         sink = self.sinks.to(scores.dtype).view(1, -1, 1, 1).expand(q.size(0), -1, T, 1)
         probs = torch.cat([scores, sink], dim=-1).float().softmax(dim=-1)[..., :S]  # drop the sink
-        probs = F.dropout(probs, self.dropout, self.training)
+        probs = dropout(probs, self.dropout, self.training)
         return probs.to(v.dtype) @ v
 
 
@@ -229,7 +230,7 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.w13(x).split(self.hidden, dim=-1)  # (B, T, hidden) each
-        return F.dropout(self.w2(F.silu(gate) * up), self.dropout, self.training)
+        return dropout(self.w2(F.silu(gate) * up), self.dropout, self.training)
 
 
 class Block(nn.Module):
@@ -293,7 +294,7 @@ class Transformer(nn.Module):
         else:
             cache.begin(T, idx.device)
             cos, sin = self._rope(cache.pos, cache.pos + T)
-        x = F.dropout(self.tok_emb(idx), self.cfg.dropout, self.training)  # (B, T, C)
+        x = dropout(self.tok_emb(idx), self.cfg.dropout, self.training)  # (B, T, C)
         for block in self.blocks:
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(block, x, cos, sin, use_reentrant=False)

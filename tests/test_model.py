@@ -167,3 +167,19 @@ def test_explicit_bf16_attention_matches_sdpa(kv_heads, monkeypatch):
     torch.testing.assert_close(a[0], b[0], atol=0.05, rtol=0.05)
     torch.testing.assert_close(a[1], b[1], atol=0.01, rtol=0.01)
     torch.testing.assert_close(a[2], b[2], atol=0.02, rtol=0.1)
+
+
+def test_cpu_dropout_drops_at_the_rate_keeps_the_expectation_and_masks_gradients():
+    from llmctl.dropout import dropout
+
+    torch.manual_seed(0)
+    x = torch.ones(200_000, requires_grad=True)
+    y = dropout(x, 0.1, training=True)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - 26 / 256) < 0.003  # 0.1 rounded to a multiple of 1/256
+    assert abs(y.mean().item() - 1.0) < 0.01  # kept elements are scaled up: same expectation
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, y.detach())  # gradient flows exactly where values did
+    assert dropout(x, 0.1, training=False) is x and dropout(x, 0.0, training=True) is x
+    a, b = dropout(torch.ones(1000), 0.5, True), dropout(torch.ones(1000), 0.5, True)
+    assert not torch.equal(a, b)  # a fresh mask per call
