@@ -16,16 +16,21 @@ spot (there is no datasheet number worth trusting for a laptop's sustained throu
 from __future__ import annotations
 
 import resource
+import statistics
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
+from llmctl.autobatch import with_micro_batch
 from llmctl.config import Config
 from llmctl.errors import ConfigError
 from llmctl.model import Transformer
-from llmctl.runtime import configure_device, resolve_device, resolve_dtype, seed_everything
+from llmctl.runtime import (DistInfo, autocast, configure_device, resolve_compile, resolve_device, resolve_dtype,
+                            seed_everything)
 from llmctl.trainer import Trainer
 
 # Dense (no sparsity) peak TFLOP/s from NVIDIA datasheets: (bf16/fp16, tf32, fp32).
@@ -104,9 +109,71 @@ def peak_memory_mb(device: torch.device) -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
 
 
-def run_bench(cfg: Config, steps: int = 10, warmup: int = 3) -> dict[str, Any]:
-    if steps < 1 or warmup < 0:
-        raise ConfigError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
+REFERENCE = ("transformers LlamaForCausalLM (sdpa attention), eager, same dtype, "
+             "torch.optim.AdamW defaults, clip_grad_norm_")
+
+
+def reference_step(model: Transformer, cfg: Config, device: torch.device, dtype: torch.dtype
+                   ) -> Callable[[], torch.Tensor]:
+    """One optimizer step of the same model written the way a user writes it by hand: a
+    transformers `LlamaForCausalLM` with llmctl's initial weights (export's exact mapping), the
+    same micro-batch, accumulation, autocast dtype, clipping and AdamW hyper-parameters, but
+    none of llmctl's speed work. Returns a function that runs one step and gives its loss."""
+    from transformers import LlamaForCausalLM
+
+    from llmctl.export import _quiet_transformers, hf_config, hf_state_dict
+
+    _quiet_transformers()
+    config = hf_config(model, eos_id=0, arch="llama")
+    config._attn_implementation = "sdpa"
+    reference = LlamaForCausalLM(config).to(device)
+    reference.load_state_dict(hf_state_dict(model, "llama"), strict=False)  # lm_head is tied to the embedding
+    reference.train()
+    t = cfg.pretrain
+    matrices = [p for p in reference.parameters() if p.dim() >= 2]
+    others = [p for p in reference.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": t.weight_decay},
+                                   {"params": others, "weight_decay": 0.0}], lr=t.lr, betas=tuple(t.betas))
+    batches = SyntheticBatches(cfg.model.vocab_size, t.micro_batch_size, cfg.model.max_seq_len, cfg.run.seed)
+    accumulation = t.batch_size // t.micro_batch_size
+
+    def step() -> torch.Tensor:
+        total = torch.zeros((), device=device)
+        for _ in range(accumulation):
+            x, y = (b.to(device) for b in batches.next_batch())
+            with autocast(device, dtype):
+                logits = reference(input_ids=x).logits
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / accumulation
+            loss.backward()
+            total += loss.detach()
+        if t.grad_clip:
+            torch.nn.utils.clip_grad_norm_(reference.parameters(), t.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return total  # the step's mean loss
+    return step
+
+
+def _timed(step: Callable[[], Any], steps: int, device: torch.device) -> float:
+    """Seconds for `steps` calls of `step`, the device drained at both ends."""
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    float(loss)  # wait for the device before stopping the clock
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def run_bench(cfg: Config, steps: int = 10, warmup: int = 3, reference: bool = False,
+              rounds: int = 1) -> dict[str, Any]:
+    """Time `steps` optimizer steps of llmctl's Trainer after `warmup` untimed ones. With
+    `reference`, also time the plain transformers loop of `reference_step` on the same shape,
+    interleaved over `rounds` rounds (A B A B ...: the machine's speed drifts, so only
+    interleaved figures compare), and report medians and their ratio."""
+    if steps < 1 or warmup < 0 or rounds < 1:
+        raise ConfigError(f"--steps and --rounds must be >= 1 and --warmup >= 0, got {steps}, {rounds} "
+                          f"and {warmup}")
     if cfg.model.vocab_size == 0:
         from llmctl.data.tokenizer import load_tokenizer
         from llmctl.pretrain import resolve_vocab
@@ -117,25 +184,43 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 3) -> dict[str, Any]:
     dtype = resolve_dtype(cfg.run.dtype, device)
     seed_everything(cfg.run.seed)
     model = Transformer(cfg.model).to(device)
+    cfg = with_micro_batch(cfg, "pretrain", model, device, dtype, DistInfo(), None)
     batches = SyntheticBatches(cfg.model.vocab_size, cfg.pretrain.micro_batch_size, cfg.model.max_seq_len,
                                cfg.run.seed)
     trainer = Trainer(model, cfg.pretrain, batches=batches, evaluate=None, device=device, dtype=dtype,
-                      seq_len=cfg.model.max_seq_len, compile=cfg.run.compile)
+                      seq_len=cfg.model.max_seq_len, compile=resolve_compile(cfg.run.compile, device))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+
+    def ours() -> torch.Tensor:
+        return trainer.train_step()[0]
     for _ in range(warmup):
-        trainer.train_step()
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        loss, _ = trainer.train_step()
-    float(loss)  # wait for the device before stopping the clock
-    _sync(device)
-    seconds = time.perf_counter() - start
+        ours()
     tokens = steps * cfg.pretrain.batch_size * cfg.model.max_seq_len
-    tokens_per_sec = tokens / seconds
+    ours_rates = [tokens / _timed(ours, steps, device)]
+    peak_memory = peak_memory_mb(device)  # before a reference model shares the process
+    theirs_rates: list[float] = []
+    if reference:
+        theirs = reference_step(model, cfg, device, dtype)
+        for _ in range(warmup):
+            theirs()
+        for r in range(rounds):
+            if r:
+                ours_rates.append(tokens / _timed(ours, steps, device))
+            theirs_rates.append(tokens / _timed(theirs, steps, device))
+    else:
+        for _ in range(rounds - 1):
+            ours_rates.append(tokens / _timed(ours, steps, device))
+    tokens_per_sec = statistics.median(ours_rates)
+    seconds = tokens * len(ours_rates) / sum(ours_rates)  # mean seconds per round
     achieved = tokens_per_sec * flops_per_token(model)
     peak, peak_source = device_peak(device, dtype)
+    comparison = {}
+    if reference:
+        theirs_rate = statistics.median(theirs_rates)
+        comparison = {"reference": REFERENCE, "reference_tokens_per_sec": theirs_rate,
+                      "speedup": tokens_per_sec / theirs_rate,
+                      "rounds_tokens_per_sec": ours_rates, "reference_rounds_tokens_per_sec": theirs_rates}
     return {
         "device": _device_name(device), "dtype": str(dtype).removeprefix("torch."),
         "compiled": trainer.forward_model is not model,
@@ -144,7 +229,7 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 3) -> dict[str, Any]:
         "steps": steps, "seconds": seconds, "tokens_per_sec": tokens_per_sec,
         "flops_per_token": flops_per_token(model), "achieved_tflops": achieved / 1e12,
         "peak_tflops": peak / 1e12 if peak else None, "peak_source": peak_source,
-        "mfu": achieved / peak if peak else None, "peak_memory_mb": peak_memory_mb(device),
+        "mfu": achieved / peak if peak else None, "peak_memory_mb": peak_memory, **comparison,
     }
 
 

@@ -242,8 +242,10 @@ def resume_config_changes(saved: dict[str, Any], current: dict[str, Any], stage:
     (a key added by a newer llmctl does not block resuming an older run)."""
     old, new = _flatten(saved), _flatten(current)
     sections = set(RESUME_SECTIONS) | {stage}
+    # micro_batch_size = "auto" was resolved to a number when the run started; it resumes with that one.
+    resolved = {f"{stage}.micro_batch_size"}
     changed = [k for k in sorted(old.keys() & new.keys())
-               if k.split(".", 1)[0] in sections and old[k] != new[k]]
+               if k.split(".", 1)[0] in sections and old[k] != new[k] and not (k in resolved and new[k] == "auto")]
     unsafe = [k for k in changed if not _is_safe(k, stage)]
     if unsafe:
         shown = ", ".join(f"{k} {old[k]!r} -> {new[k]!r}" for k in unsafe[:8])

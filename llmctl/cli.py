@@ -146,6 +146,11 @@ def bench(
     overrides: SetOption = None,
     steps: Annotated[int, typer.Option("--steps", help="Timed optimizer steps.")] = 10,
     warmup: Annotated[int, typer.Option("--warmup", help="Untimed steps first (compilation, allocator).")] = 3,
+    reference: Annotated[bool, typer.Option(
+        "--reference", help="Also time a plain transformers LlamaForCausalLM loop on the same shape, "
+                            "interleaved, and print the ratio.")] = False,
+    rounds: Annotated[Optional[int], typer.Option(
+        "--rounds", help="Timed rounds of --steps steps; the median counts. Default 1, or 3 with --reference.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
     """Measure training speed of a preset on this machine: tokens/s, MFU, peak memory.
@@ -159,7 +164,8 @@ def bench(
         cfg = load_config(preset, overrides, run_name="bench")
         from llmctl.bench import run_bench
 
-        result = run_bench(cfg, steps=steps, warmup=warmup)
+        result = run_bench(cfg, steps=steps, warmup=warmup, reference=reference,
+                           rounds=rounds if rounds is not None else (3 if reference else 1))
         if as_json:
             import json
 
@@ -169,7 +175,9 @@ def bench(
         from rich.table import Table
 
         table = Table(title=f"llmctl bench --preset {preset}", show_header=False)
-        mfu = f"{result['mfu']:.1%} of {result['peak_tflops']:.2f} TFLOP/s ({result['peak_source']})" \
+        peak = result["peak_tflops"] or 0.0
+        peak_text = f"{peak:,.1f} TFLOP/s" if peak >= 1 else f"{peak * 1000:,.0f} GFLOP/s"
+        mfu = f"{result['mfu']:.1%} of {peak_text} ({result['peak_source']})" \
             if result["mfu"] is not None else f"n/a ({result['peak_source']})"
         for key, value in [
             ("device", f"{result['device']}, {result['dtype']}{', compiled' if result['compiled'] else ''}"),
@@ -180,7 +188,9 @@ def bench(
             ("achieved", f"{result['achieved_tflops'] * 1000:,.1f} GFLOP/s"),
             ("MFU", mfu),
             ("peak memory", f"{result['peak_memory_mb']:,.0f} MB"),
-        ]:
+        ] + ([("reference", f"{result['reference_tokens_per_sec']:,.0f} tokens/s ({result['reference']})"),
+              ("speed-up", f"{result['speedup']:.2f}x the reference (median of {len(result['rounds_tokens_per_sec'])} "
+                           f"interleaved rounds)")] if reference else []):
             table.add_row(key, value)
         Console().print(table)
 

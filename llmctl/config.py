@@ -8,17 +8,21 @@ before any work starts. Components receive only their own section.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import keyword
 import re
 import tomllib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from llmctl.errors import ConfigError
+
+AUTO = "auto"  # the one string a `bool | str` or `int | str` key accepts
 
 
 @dataclass
@@ -28,7 +32,7 @@ class RunConfig:
     seed: int = 1337  # seeds weights, data order and sampling
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
     dtype: str = "auto"  # auto (bf16 where the device supports it) | float32 | bfloat16 | float16
-    compile: bool = False  # torch.compile the model (falls back to eager with a warning)
+    compile: bool | str = "auto"  # torch.compile the model: true | false | auto (on CUDA only); eager if it fails
     distributed: str = "ddp"  # under torchrun: ddp (replicated weights) | fsdp (sharded, FSDP2)
     log_every: int = 10  # steps between logged training lines
     report_to: list[str] = field(default_factory=list)  # also send metrics to: tensorboard, wandb
@@ -66,7 +70,7 @@ class ModelConfig:
 class TrainConfig:
     lr: float = 3e-4  # peak learning rate
     batch_size: int = 64  # sequences per optimizer step
-    micro_batch_size: int = 8  # sequences per forward pass; accumulation = batch / micro
+    micro_batch_size: int | str = 8  # sequences per forward pass; accumulation = batch / micro; "auto" = largest that fits
     warmup_steps: int = 500  # linear warmup from 0
     max_steps: int = 5000
     weight_decay: float = 0.1  # applied to matrices only
@@ -120,8 +124,16 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
-    def accumulation_steps(self) -> int:
-        return self.pretrain.batch_size // self.pretrain.micro_batch_size
+    def accumulation_steps(self) -> int | str:
+        """batch_size / micro_batch_size, or "auto" while the micro-batch is still to be found."""
+        micro = self.pretrain.micro_batch_size
+        return AUTO if micro == AUTO else self.pretrain.batch_size // micro
+
+    def eval_batch_size(self, stage: str = "pretrain") -> int:
+        """Sequences per evaluation forward: eval.batch_size, else the stage's micro-batch
+        (8 where that is an unresolved "auto", in a config saved by another stage)."""
+        micro = getattr(self, stage).micro_batch_size
+        return self.eval.batch_size or (micro if isinstance(micro, int) else 8)
 
     def to_dict(self) -> dict[str, Any]:
         # Keys that are Python keywords (sft.from) are stored as `from_` attributes.
@@ -238,12 +250,24 @@ def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is list:
         (inner,) = typing.get_args(tp)
         return f"list of {_type_name(inner)}s"
+    if isinstance(tp, types.UnionType):  # bool | str, int | str: a value or "auto"
+        return " or ".join(_type_name(t) if t is not str else f'"{AUTO}"' for t in typing.get_args(tp))
     return {int: "integer", float: "number", str: "string", bool: "boolean"}.get(tp, str(tp))
 
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check `value` against the field type; ints are accepted where floats are expected."""
     origin = typing.get_origin(tp)
+    if isinstance(tp, types.UnionType):
+        for member in typing.get_args(tp):
+            if member is str and value == AUTO:
+                return value
+            if member is not str:
+                with contextlib.suppress(ConfigError):
+                    return _coerce(key, value, member)
+        name = _type_name(tp)
+        article = "an" if name[0] in "aeiou" else "a"
+        raise ConfigError(f"{key} expects {article} {name}, got {value!r}")
     if origin is list:
         (inner,) = typing.get_args(tp)
         if not isinstance(value, list):
@@ -355,10 +379,12 @@ def validate_sft(t: SFTConfig) -> None:
 def validate_training(t: TrainConfig, section: str) -> None:
     _check(t.lr > 0, f"{section}.lr must be > 0, got {t.lr}")
     _check(t.batch_size >= 1, f"{section}.batch_size must be >= 1, got {t.batch_size}")
-    _check(t.micro_batch_size >= 1, f"{section}.micro_batch_size must be >= 1, got {t.micro_batch_size}")
-    _check(t.batch_size % t.micro_batch_size == 0,
-           f"{section}.batch_size ({t.batch_size}) must be divisible by {section}.micro_batch_size "
-           f"({t.micro_batch_size}); gradient accumulation = batch_size / micro_batch_size")
+    if t.micro_batch_size != AUTO:  # "auto" is resolved, and checked, when the model is on its device
+        _check(t.micro_batch_size >= 1, f"{section}.micro_batch_size must be >= 1 or \"auto\", "
+                                        f"got {t.micro_batch_size}")
+        _check(t.batch_size % t.micro_batch_size == 0,
+               f"{section}.batch_size ({t.batch_size}) must be divisible by {section}.micro_batch_size "
+               f"({t.micro_batch_size}); gradient accumulation = batch_size / micro_batch_size")
     _check(t.warmup_steps >= 0, f"{section}.warmup_steps must be >= 0, got {t.warmup_steps}")
     _check(t.max_steps >= 1, f"{section}.max_steps must be >= 1, got {t.max_steps}")
     _check(t.weight_decay >= 0, f"{section}.weight_decay must be >= 0, got {t.weight_decay}")

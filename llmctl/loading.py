@@ -50,7 +50,7 @@ class LoadedModel:
     def eval_batch_size(self) -> int:
         if self.config is None:
             return TRANSFORMERS_EVAL_BATCH
-        return self.config.eval.batch_size or self.config.pretrain.micro_batch_size
+        return self.config.eval_batch_size()
 
 
 def load_model(source: str | Path, device: str = "auto", dtype: str = "float32") -> LoadedModel:

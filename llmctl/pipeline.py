@@ -143,7 +143,7 @@ def score_sft(path: Path, cfg: Config) -> dict[str, Any]:
     data = load_sft_data(s.datasets, s.format, s.validation_fraction)
     template = ChatTemplate.from_state(loaded.template) if loaded.template else ChatTemplate()
     examples = encode_examples(data.validation, template, loaded.tokenizer, loaded.context_length)
-    result = evaluate_examples(loaded.model, examples, loaded.config.eval.batch_size or s.micro_batch_size,
+    result = evaluate_examples(loaded.model, examples, loaded.config.eval_batch_size("sft"),
                                loaded.device, autocast(loaded.device, loaded.dtype), loaded.tokenizer.eos_id,
                                cfg.eval.max_tokens)
     n_bytes = response_bytes(examples, loaded.tokenizer, cfg.eval.max_tokens)

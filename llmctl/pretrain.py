@@ -17,6 +17,7 @@ import torch
 from rich.console import Console
 
 from llmctl.atomic import write_text_atomic
+from llmctl.autobatch import with_micro_batch
 from llmctl.checkpoint import CheckpointCallback, ResumePoint, check_run_dir, check_same_data, find_resume_point
 from llmctl.config import Config
 from llmctl.data.batches import training_windows
@@ -28,7 +29,8 @@ from llmctl.errors import ConfigError, LlmctlError
 from llmctl.evaluate import bits_per_byte, evaluate_tokens, stream_bytes
 from llmctl.model import Transformer
 from llmctl.progress import MetricsCallback, ProgressCallback, RunLog
-from llmctl.runtime import DistInfo, autocast, barrier, init_distributed, resolve_dtype, seed_everything
+from llmctl.runtime import (DistInfo, autocast, barrier, init_distributed, resolve_compile, resolve_dtype,
+                            seed_everything)
 from llmctl.trackers import Reporting, check_trackers
 from llmctl.trainer import BatchSource, Callback, Trainer, TrainingStopped
 
@@ -42,7 +44,7 @@ class Plan:
     parameters: int
     vocab_size: int
     tokens_per_step: int
-    accumulation_steps: int
+    accumulation_steps: int | str  # "auto": found when training starts
     total_tokens: int
     checkpoint_steps: list[int]
     eval_steps: int
@@ -56,7 +58,8 @@ class Plan:
             ("parameters", f"{self.parameters:,}"),
             ("vocab size", f"{self.vocab_size:,}"),
             ("tokens per step", f"{self.tokens_per_step:,}"),
-            ("accumulation steps", f"{self.accumulation_steps}"),
+            ("accumulation steps", f"{self.accumulation_steps}" if self.accumulation_steps != "auto" else
+             "auto (the largest micro-batch that fits is found when training starts)"),
             ("total tokens", f"{self.total_tokens:,}"),
             ("checkpoints at steps", f"{shown + (', ' if shown else '')}final"),
             ("evaluations", f"{self.eval_steps}" + (" at most, plus one at the end" if self.max_time else "")),
@@ -142,9 +145,11 @@ def run_pretrain(cfg: Config, console: Console, overwrite: bool = False, resume:
 
     seed_everything(cfg.run.seed)
     model = Transformer(cfg.model).to(device)
+    auto_micro = cfg.pretrain.micro_batch_size == "auto"
+    cfg = with_micro_batch(cfg, STAGE, model, device, dtype, dist_info, point.state["config"] if point else None)
     batches = training_windows(store, cfg.data.weights, cfg.model.max_seq_len, cfg.pretrain.micro_batch_size,
                                cfg.run.seed)
-    eval_batch = cfg.eval.batch_size or cfg.pretrain.micro_batch_size
+    eval_batch = cfg.eval_batch_size(STAGE)
 
     scored_bytes: list[int] = []  # UTF-8 bytes of the scored validation text, counted once
 
@@ -160,7 +165,8 @@ def run_pretrain(cfg: Config, console: Console, overwrite: bool = False, resume:
     plan = make_plan(cfg)
     intro = [f"run {cfg.run.name}: {plan.parameters:,} parameters on {device.type} "
              f"({str(dtype).removeprefix('torch.')}), {plan.tokens_per_step:,} tokens/step "
-             f"({cfg.pretrain.batch_size} x {cfg.model.max_seq_len}, accumulation {plan.accumulation_steps}), "
+             f"({cfg.pretrain.batch_size} x {cfg.model.max_seq_len}, micro-batch {cfg.pretrain.micro_batch_size}"
+             f"{' (auto)' if auto_micro else ''}, accumulation {plan.accumulation_steps}), "
              f"{cfg.pretrain.max_steps} steps" + (f" or {cfg.pretrain.max_time}, whichever comes first"
                                                   if cfg.pretrain.max_time else ""),
              f"data: {len(train_tokens):,} train tokens, {len(val_tokens):,} validation tokens (cache {store.path})"]
@@ -202,7 +208,8 @@ def fit_stage(cfg: Config, stage: str, console: Console, *, model: torch.nn.Modu
     own = [progress, MetricsCallback(run_dir / "metrics.jsonl"), checkpoints, *reporting.callbacks,
            *(callbacks(progress.say) if callbacks else [])]
     trainer = Trainer(model, train_cfg, batches=batches, evaluate=evaluate, device=device, dtype=dtype,
-                      seq_len=seq_len or cfg.model.max_seq_len, log_every=cfg.run.log_every, compile=cfg.run.compile,
+                      seq_len=seq_len or cfg.model.max_seq_len, log_every=cfg.run.log_every,
+                      compile=resolve_compile(cfg.run.compile, device),
                       callbacks=own if dist_info.is_main else [], dist=dist_info)
     if point is not None:
         trainer.load_state_dict(point.state)

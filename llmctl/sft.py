@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from llmctl.autobatch import with_micro_batch
 from llmctl.checkpoint import (check_run_dir, check_same_data, find_resume_point, load_checkpoint, resolve_checkpoint,
                                step_checkpoints)
 from llmctl.config import Config, config_from_dict, find_preset, load_config, parse_override, read_toml, validate
@@ -265,8 +266,9 @@ def run_sft(cfg: Config, base: Base, console: Console, overwrite: bool = False, 
                               f"({str(e).splitlines()[0]})") from None
     base.weights = None  # the model holds them now
     model.to(device)
+    cfg = with_micro_batch(cfg, STAGE, model, device, dtype, dist_info, point.state["config"] if point else None)
     batches = ExampleBatches(train, cfg.sft.micro_batch_size, tokenizer.eos_id, cfg.run.seed)
-    eval_batch = cfg.eval.batch_size or cfg.sft.micro_batch_size
+    eval_batch = cfg.eval_batch_size(STAGE)
 
     def evaluate() -> dict[str, float]:
         return evaluate_examples(model, validation, eval_batch, device, autocast(device, dtype),

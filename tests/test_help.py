@@ -53,8 +53,11 @@ def llmctl_executable() -> str:
 
 def test_shell_completion_script_and_completions(tmp_path):
     exe = llmctl_executable()
+    # Name the shell rather than let Typer detect it from the process tree, which fails when the
+    # tests run detached from a shell (Typer then prints "Shell  not supported").
+    env = dict(os.environ, _TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION="1")
     script = subprocess.run([exe, "--show-completion", "bash"], capture_output=True, text=True, cwd=tmp_path,
-                            timeout=60)
+                            timeout=60, env=env)
     assert script.returncode == 0 and "_LLMCTL_COMPLETE=complete_bash" in script.stdout
 
     def complete(words: str) -> list[str]:
