@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from llmctl.trainer import Callback, Trainer
 
@@ -28,8 +28,16 @@ def format_duration(seconds: float) -> str:
     return str(datetime.timedelta(seconds=int(max(0.0, seconds))))
 
 
+def position(r: dict[str, Any]) -> str:
+    """Where a run is: "step 40/100", or with a time budget "step 2,317, 4:10 of 10:00"."""
+    if "max_time_seconds" in r:
+        return (f"step {r['step']:,}, {format_duration(r['train_seconds'])} of "
+                f"{format_duration(r['max_time_seconds'])}")
+    return f"step {r['step']}/{r['max_steps']}"
+
+
 def step_line(r: dict[str, Any]) -> str:
-    return (f"step {r['step']}/{r['max_steps']} | loss {r['loss']:.4f} | ppl {r['perplexity']:.2f} | "
+    return (f"{position(r)} | loss {r['loss']:.4f} | ppl {r['perplexity']:.2f} | "
             f"lr {r['lr']:.2e} | grad_norm {r['grad_norm']:.3f} | {r['tokens_per_sec']:,.0f} tok/s | "
             f"eta {format_duration(r['eta_seconds'])}")
 
@@ -76,12 +84,14 @@ class ProgressCallback(Callback):
         if trainer.history:  # resumed: show the last validation from before the stop
             self._last_val = f"{trainer.history[-1]['val_perplexity']:.2f}"
         if self.live:
+            # The bar runs over the run's fraction done: steps, or time with a time budget.
             self._progress = Progress(
-                TextColumn(f"[bold]{self.title}[/]"), BarColumn(), MofNCompleteColumn(),
+                TextColumn(f"[bold]{self.title}[/]"), BarColumn(), TextColumn("{task.fields[position]}"),
                 TextColumn("{task.fields[stats]}"), TimeRemainingColumn(),
                 console=self.console, transient=False)
-            self._task = self._progress.add_task(self.title, total=trainer.cfg.max_steps,
-                                                 completed=trainer.step, stats="starting…")
+            self._task = self._progress.add_task(self.title, total=1.0,
+                                                 completed=trainer.progress() or trainer.step / trainer.cfg.max_steps,
+                                                 position=f"step {trainer.step}", stats="starting…")
             self._progress.start()
 
     def on_log(self, trainer: Trainer, record: dict[str, Any]) -> None:
@@ -89,7 +99,7 @@ class ProgressCallback(Callback):
         if self._progress is not None:
             stats = (f"loss {record['loss']:.3f}  ppl {record['perplexity']:.1f}  lr {record['lr']:.1e}  "
                      f"{record['tokens_per_sec']:,.0f} tok/s  val ppl {self._last_val}")
-            self._progress.update(self._task, completed=record["step"], stats=stats)
+            self._progress.update(self._task, completed=record["progress"], position=position(record), stats=stats)
         else:
             self.console.print(step_line(record), markup=False, highlight=False, soft_wrap=True)
 

@@ -382,7 +382,10 @@ class Trainer:
                     "grad_norm": float(grad_norm), "tokens": self.tokens_seen,
                     "tokens_per_sec": interval_tokens / max(now - interval_start, 1e-9),
                     "eta_seconds": eta, "elapsed_seconds": now - fit_start,
+                    "progress": self.progress() if self.max_time else step / cfg.max_steps,
                 }
+                if self.max_time:  # the time budget, not max_steps, is the run's length
+                    record.update(train_seconds=self.train_seconds, max_time_seconds=self.max_time)
                 for cb in self.callbacks:
                     cb.on_log(self, record)
                 self.check_finite()  # already synced: costs nothing here

@@ -78,6 +78,10 @@ def test_max_time_ends_a_run_early_with_a_final_eval_and_checkpoint(tmp_path, mo
     final = load_checkpoint(run_dir / "budget-pretrain_final.pt")
     assert final["step"] == last and final["train_seconds"] >= 1.0
     assert train[-1]["lr"] < train[0]["lr"] or last <= 3  # annealed by the end (wsd follows the clock)
+    # progress is told in time, not in steps out of a max_steps nobody will reach
+    assert train[-1]["progress"] == 1.0 and train[-1]["max_time_seconds"] == 1.0
+    log = (run_dir / "training.log").read_text()
+    assert f"step {last:,}, 0:00:01 of 0:00:01 | loss" in log and "/1000000" not in log
 
 
 def make_trainer(tmp_path: Path, tokenizer_dir: Path, max_time: str) -> tuple[Trainer, list[dict]]:
