@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from llmctl.atomic import atomic_write
-from llmctl.config import Config
+from llmctl.config import Config, parse_duration
 from llmctl.data.tokenizer import TextTokenizer
 from llmctl.errors import ConfigError, LlmctlError
 from llmctl.runtime import partial_file
@@ -284,7 +284,22 @@ def find_resume_point(run_dir: Path, stage: str, cfg: Config, tokenizer: TextTok
     if step > max_steps or (step == max_steps and path.name.endswith("_final.pt")):
         raise ConfigError(f"nothing to resume: {path.name} is at step {step} and {stage}.max_steps is "
                           f"{max_steps}; raise it (e.g. --set {stage}.max_steps={step * 2}) to train further")
+    budget = parse_duration(getattr(cfg, stage).max_time)
+    spent = float(state.get("train_seconds", 0.0))
+    if budget and spent >= budget and path.name.endswith("_final.pt"):
+        raise ConfigError(f"nothing to resume: {path.name} used its whole time budget ({spent:.0f}s of "
+                          f"{stage}.max_time={getattr(cfg, stage).max_time!r}); raise it (e.g. --set "
+                          f"'{stage}.max_time=\"{_doubled(getattr(cfg, stage).max_time)}\"') to train further")
     return ResumePoint(path, state, notes + [f"changed on resume: {c}" for c in changes])
+
+
+def _doubled(duration: str) -> str:
+    """A duration twice as long, written as seconds, minutes or hours: "10m" -> "20m"."""
+    seconds = 2 * parse_duration(duration)
+    for unit, size in (("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds)}s"
 
 
 def check_same_data(point: ResumePoint, data_meta: dict[str, Any]) -> None:

@@ -82,6 +82,13 @@ def test_max_time_ends_a_run_early_with_a_final_eval_and_checkpoint(tmp_path, mo
     assert train[-1]["progress"] == 1.0 and train[-1]["max_time_seconds"] == 1.0
     log = (run_dir / "training.log").read_text()
     assert f"step {last:,}, 0:00:01 of 0:00:01 | loss" in log and "/1000000" not in log
+    # resuming a run whose budget is spent says so, instead of re-saving the same step
+    again = CliRunner().invoke(app, args + ["--resume"])
+    assert again.exit_code == 2
+    assert "used its whole time budget" in again.stderr and "pretrain.max_time=\"2s\"" in again.stderr
+    more = CliRunner().invoke(app, args + ["--resume", "--set", 'pretrain.max_time="2s"'])
+    assert more.exit_code == 0, more.output
+    assert load_checkpoint(run_dir / "budget-pretrain_final.pt")["step"] > last
 
 
 def make_trainer(tmp_path: Path, tokenizer_dir: Path, max_time: str) -> tuple[Trainer, list[dict]]:
