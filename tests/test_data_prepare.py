@@ -105,7 +105,7 @@ def test_bad_records_fail_with_one_line(tmp_path):
         check_sources([f"jsonl:{first}"])  # checked up front, before any tokenizing
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"text": "a"}\n{"text": \n')
-    with pytest.raises(LlmctlError, match="broken.jsonl:2 is not valid JSON"):
+    with pytest.raises(LlmctlError, match="broken.jsonl line 2 is not valid JSON"):
         list(iter_documents(parse_spec(f"jsonl:{broken}")))
     latin = tmp_path / "latin.txt"
     latin.write_bytes("café\n".encode("latin-1"))

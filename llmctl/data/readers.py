@@ -15,7 +15,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from llmctl.errors import LlmctlError
+from llmctl.errors import ConfigError, LlmctlError
 
 # A text block longer than this is cut at line boundaries into several documents, so one
 # file without blank lines cannot become a single multi-gigabyte string (or tokenizer call).
@@ -72,47 +72,65 @@ def _field_fix(kind: str) -> str:
     return f"name the text field with {kind}:PATH#FIELD"
 
 
-def _jsonl_record(path: Path, lineno: int, line: str) -> object:
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError as e:
-        raise LlmctlError(f"{path}:{lineno} is not valid JSON ({e.msg}); "
-                          f"jsonl: expects one JSON object per line") from None
+def read_records(path: Path, kind: str) -> Iterator[tuple[str, object]]:
+    """(where, record) pairs from a jsonl, json (one array) or parquet file, streamed where the
+    format allows; `where` names the line, element or row for messages. Pretraining text
+    (`read_jsonl`, `read_json`) and SFT conversations (llmctl.data.sft) both read through it."""
+    if kind == "jsonl":
+        lineno = 0
+        try:
+            with open(path, encoding="utf-8") as f:
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise LlmctlError(f"{path} line {lineno} is not valid JSON ({e.msg}); jsonl: expects "
+                                          f"one JSON object per line: fix or remove that line") from None
+                    yield f"{path}:{lineno}", record
+        except UnicodeDecodeError as e:
+            raise _not_utf8(path, e) from None
+    elif kind == "json":
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except UnicodeDecodeError as e:
+            raise _not_utf8(path, e) from None
+        except json.JSONDecodeError as e:
+            raise LlmctlError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); json: expects "
+                              f"one JSON array of objects (use jsonl: for one object per line)") from None
+        if not isinstance(data, list):
+            raise LlmctlError(f"{path} holds a JSON {type(data).__name__}, not an array of records; "
+                              f"json: expects [{{...}}, ...] (use jsonl: for one object per line)")
+        for i, record in enumerate(data):
+            yield f"{path} record {i}", record
+    elif kind == "parquet":
+        row = 0
+        for batch in _parquet_file(path).iter_batches(batch_size=PARQUET_BATCH):
+            for record in batch.to_pylist():
+                yield f"{path} row {row}", record
+                row += 1
+    else:
+        raise ConfigError(f"unknown record file kind '{kind}'; use json:, jsonl: or parquet:")
 
 
 def read_jsonl(path: Path, field: str, first_only: bool = False) -> Iterator[str]:
     """One JSON object per line; blank lines are skipped. `first_only` checks the first record."""
     fix = _field_fix("jsonl")
-    try:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                text = _field_text(_jsonl_record(path, lineno, line), field, f"{path}:{lineno}", fix)
-                if first_only:
-                    return
-                if text is not None:
-                    yield text
-    except UnicodeDecodeError as e:
-        raise _not_utf8(path, e) from None
+    for where, record in read_records(path, "jsonl"):
+        text = _field_text(record, field, where, fix)
+        if first_only:
+            return
+        if text is not None:
+            yield text
 
 
 def read_json(path: Path, field: str) -> Iterator[str]:
     """A JSON array of objects (or of strings); the whole file is parsed at once."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except UnicodeDecodeError as e:
-        raise _not_utf8(path, e) from None
-    except json.JSONDecodeError as e:
-        raise LlmctlError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); json: expects "
-                          f"one JSON array of objects (use jsonl: for one object per line)") from None
-    if not isinstance(data, list):
-        raise LlmctlError(f"{path} holds a JSON {type(data).__name__}, not an array of records; "
-                          f"json: expects [{{\"{field}\": ...}}, ...]")
     fix = _field_fix("json")
-    for i, record in enumerate(data):
-        text = _field_text(record, field, f"{path}[{i}]", fix)
+    for where, record in read_records(path, "json"):
+        text = _field_text(record, field, where, fix)
         if text is not None:
             yield text
 

@@ -36,6 +36,7 @@ from typing import Any
 
 from llmctl.config import SFT_FORMATS as FORMATS
 from llmctl.errors import ConfigError, LlmctlError
+from llmctl.data.readers import read_records
 
 IGNORE = -100  # target id that cross-entropy skips
 ROLES = ("system", "user", "assistant")
@@ -261,53 +262,6 @@ def prompt_ids(messages: list[Message], template: ChatTemplate, tokenizer) -> li
     for text, _ in render_segments(messages, template):
         ids += [tokenizer.eos_id] if text == "<eos>" else tokenizer.encode(text)
     return ids + tokenizer.encode(template.assistant_prefix)
-
-
-# --------------------------------------------------------------------------- local files -> records
-
-def read_records(path: Path, kind: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(where, record) pairs from a json (array), jsonl or parquet file; `where` names the line/row."""
-    if kind == "jsonl":
-        with open(path, encoding="utf-8") as f:
-            n = 0
-            try:
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise LlmctlError(f"{path} line {n} is not valid JSON ({e.msg}); "
-                                          f"fix or remove that line") from None
-                    yield f"{path}:{n}", record
-            except UnicodeDecodeError as e:
-                raise LlmctlError(f"{path} line {n + 1} is not UTF-8 text ({e.reason}); "
-                                  f"convert the file, e.g. iconv -t utf-8") from None
-    elif kind == "json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except UnicodeDecodeError as e:
-            raise LlmctlError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); "
-                              f"convert it, e.g. iconv -t utf-8") from None
-        except json.JSONDecodeError as e:
-            raise LlmctlError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); "
-                              f"json: expects one array of objects, jsonl: one object per line") from None
-        if not isinstance(data, list):
-            raise LlmctlError(f"{path} holds a JSON {type(data).__name__}, not an array of records; "
-                              f"use jsonl: for one object per line")
-        for i, record in enumerate(data):
-            yield f"{path} record {i}", record
-    elif kind == "parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            table = pq.read_table(path)
-        except Exception as e:
-            raise LlmctlError(f"{path} is not a readable parquet file: {str(e).splitlines()[0]}") from None
-        for i, record in enumerate(table.to_pylist()):
-            yield f"{path} row {i}", record
-    else:
-        raise ConfigError(f"unknown SFT file kind '{kind}'; use json:, jsonl: or parquet:")
 
 
 # --------------------------------------------------------------------------- specs -> conversations
