@@ -10,7 +10,9 @@ stays within 90% of the GPU. Elsewhere there is no out-of-memory signal worth tr
 CPU swaps, MPS shares system memory), so "auto" takes the largest divisor whose micro-batch
 holds at most CPU_TOKENS_PER_MICRO_BATCH tokens.
 
-A resumed run keeps the micro-batch it started with (its config.toml records the number), so
+Under torchrun every process probes its own GPU and all take the smallest answer (they must
+accumulate alike). The probe runs before FSDP shards the model, so with `run.distributed =
+"fsdp"` it errs small. A resumed run keeps the micro-batch it started with (its config.toml records the number), so
 the data order, which depends on it, continues exactly.
 """
 
@@ -118,4 +120,8 @@ def with_micro_batch(cfg: Config, stage: str, model: torch.nn.Module, device: to
     saved = (resumed_config or {}).get(stage, {}).get("micro_batch_size")
     micro = resolve_micro_batch(AUTO, train.batch_size, dist.world_size, model, cfg.model.max_seq_len, device,
                                 dtype, stage, resumed_with=saved if isinstance(saved, int) else None)
+    if dist.enabled:  # every rank must accumulate the same number of micro-batches: the smallest wins
+        found = torch.tensor([micro], device=device if device.type == "cuda" else "cpu")
+        torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MIN)
+        micro = int(found.item())
     return dataclasses.replace(cfg, **{stage: dataclasses.replace(train, micro_batch_size=micro)})

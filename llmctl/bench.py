@@ -116,9 +116,10 @@ REFERENCE = ("transformers LlamaForCausalLM (sdpa attention), eager, same dtype,
 def reference_step(model: Transformer, cfg: Config, device: torch.device, dtype: torch.dtype
                    ) -> Callable[[], torch.Tensor]:
     """One optimizer step of the same model written the way a user writes it by hand: a
-    transformers `LlamaForCausalLM` with llmctl's initial weights (export's exact mapping), the
-    same micro-batch, accumulation, autocast dtype, clipping and AdamW hyper-parameters, but
-    none of llmctl's speed work. Returns a function that runs one step and gives its loss."""
+    transformers `LlamaForCausalLM` holding `model`'s current weights (export's exact mapping;
+    no dropout or attention sinks), the same micro-batch, accumulation, autocast dtype, clipping
+    and AdamW hyper-parameters, but none of llmctl's speed work. Returns a function that runs
+    one step and gives its mean loss."""
     from transformers import LlamaForCausalLM
 
     from llmctl.export import _quiet_transformers, hf_config, hf_state_dict
@@ -212,7 +213,7 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 3, reference: bool = F
         for _ in range(rounds - 1):
             ours_rates.append(tokens / _timed(ours, steps, device))
     tokens_per_sec = statistics.median(ours_rates)
-    seconds = tokens * len(ours_rates) / sum(ours_rates)  # mean seconds per round
+    seconds = statistics.mean(tokens / rate for rate in ours_rates)  # per round of `steps` steps
     achieved = tokens_per_sec * flops_per_token(model)
     peak, peak_source = device_peak(device, dtype)
     comparison = {}

@@ -82,3 +82,13 @@ def test_global_batch_must_split_over_processes(work, shakespeare):
     result = run(work, shakespeare, "odd", 2, "--set", "pretrain.batch_size=6", "--set", "pretrain.micro_batch_size=2")
     assert result.returncode != 0
     assert "must be divisible by micro_batch_size (2) x 2 processes" in result.stderr
+
+
+def test_auto_micro_batch_agrees_across_processes(work, shakespeare):
+    """Each rank resolves "auto" and all take the smallest answer: 8 sequences over 2 ranks is
+    4 per rank, one micro-batch each (4 x 32 tokens is within the CPU cap)."""
+    result = run(work, shakespeare, "auto", 2, "--set", 'pretrain.micro_batch_size="auto"', "--set", "pretrain.max_steps=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = (work / "experiments/runs/auto/config.toml").read_text()
+    assert "micro_batch_size = 4" in saved
+    assert "micro-batch 4 (auto)" in (work / "experiments/runs/auto/training.log").read_text()
