@@ -118,6 +118,8 @@ VARIANTS = {
     # nanoGPT's ~2.13 used GPT-2's 50k tokenizer: 4.54 bytes/token on the held-out articles
     # (train:2048: 2.89), at ~5x the output-layer cost per token.
     "v2-gpt2-4x256-d0.1": ("cpu-10m", {"run.compile": "true", "model.dropout": "0.1", "data.tokenizer": f'"{GPT2}"'}),
+    # cpu-10m as chosen (train:2048, dropout 0.1, compiled) with more dropout.
+    "cpu-10m-drop0.2": ("cpu-10m", {"model.dropout": "0.2"}),
     # A smaller vocabulary puts fewer bytes in a window: twice the context, the same tokens a step.
     "v2-v2k-4x256-d0.1-s512": ("cpu-10m", {"run.compile": "true", "model.dropout": "0.1", "data.tokenizer": '"train:2048"',
                                            "model.max_seq_len": "512", "pretrain.batch_size": "4",
