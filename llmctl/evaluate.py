@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from llmctl.cross_entropy import IGNORE_INDEX
 from llmctl.errors import ConfigError, LlmctlError
 
 if TYPE_CHECKING:
@@ -94,7 +95,7 @@ def _batches(windows: Iterator[tuple[np.ndarray, int]], batch_size: int
         w = torch.from_numpy(np.stack([win for win, _ in pending]))  # (B, T + 1)
         x, y = w[:, :-1], w[:, 1:].clone()
         for row, (win, n_scored) in enumerate(pending):
-            y[row, : len(win) - 1 - n_scored] = -100
+            y[row, : len(win) - 1 - n_scored] = IGNORE_INDEX
         pending.clear()
         return x, y
 
@@ -128,7 +129,7 @@ def evaluate_tokens(model: torch.nn.Module, tokens: np.ndarray | Iterable[np.nda
         windows = (w for i, w in enumerate(windows) if i % dist.world_size == dist.rank)
     try:
         for x, y in _batches(windows, batch_size):
-            total_tokens += int((y != -100).sum())  # counted on the CPU: no extra device sync
+            total_tokens += int((y != IGNORE_INDEX).sum())  # counted on the CPU: no extra device sync
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast or contextlib.nullcontext():
                 loss_sum = model(x, y, reduction="sum")

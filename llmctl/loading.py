@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from llmctl.config import Config, config_from_dict
+from llmctl.cross_entropy import IGNORE_INDEX
 from llmctl.data.tokenizer import TextTokenizer
 from llmctl.errors import ConfigError, LlmctlError
 
@@ -116,7 +117,7 @@ class TransformersLM(torch.nn.Module):
         if targets is None:
             return logits
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
-                               ignore_index=-100, reduction=reduction)
+                               ignore_index=IGNORE_INDEX, reduction=reduction)
 
 
 def _load_transformers(source: str, name: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:

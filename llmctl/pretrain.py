@@ -19,7 +19,7 @@ from rich.console import Console
 from llmctl.atomic import write_text_atomic
 from llmctl.autobatch import with_micro_batch
 from llmctl.checkpoint import CheckpointCallback, ResumePoint, check_run_dir, check_same_data, find_resume_point
-from llmctl.config import Config
+from llmctl.config import AUTO, Config
 from llmctl.data.batches import training_windows
 from llmctl.data.sources import check_sources
 from llmctl.data.store import prepare_store
@@ -58,7 +58,7 @@ class Plan:
             ("parameters", f"{self.parameters:,}"),
             ("vocab size", f"{self.vocab_size:,}"),
             ("tokens per step", f"{self.tokens_per_step:,}"),
-            ("accumulation steps", f"{self.accumulation_steps}" if self.accumulation_steps != "auto" else
+            ("accumulation steps", f"{self.accumulation_steps}" if self.accumulation_steps != AUTO else
              "auto (the largest micro-batch that fits is found when training starts)"),
             ("total tokens", f"{self.total_tokens:,}"),
             ("checkpoints at steps", f"{shown + (', ' if shown else '')}final"),
@@ -145,7 +145,7 @@ def run_pretrain(cfg: Config, console: Console, overwrite: bool = False, resume:
 
     seed_everything(cfg.run.seed)
     model = Transformer(cfg.model).to(device)
-    auto_micro = cfg.pretrain.micro_batch_size == "auto"
+    auto_micro = cfg.pretrain.micro_batch_size == AUTO
     cfg = with_micro_batch(cfg, STAGE, model, device, dtype, dist_info, point.state["config"] if point else None)
     batches = training_windows(store, cfg.data.weights, cfg.model.max_seq_len, cfg.pretrain.micro_batch_size,
                                cfg.run.seed)

@@ -36,9 +36,10 @@ from typing import Any
 
 from llmctl.config import SFT_FORMATS as FORMATS
 from llmctl.errors import ConfigError, LlmctlError
+from llmctl.cross_entropy import IGNORE_INDEX
 from llmctl.data.readers import read_records
 
-IGNORE = -100  # target id that cross-entropy skips
+IGNORE = IGNORE_INDEX  # target id that cross-entropy skips
 ROLES = ("system", "user", "assistant")
 HOLDOUT_SEED = 0  # held-out records do not move when run.seed changes
 
