@@ -30,7 +30,6 @@ Results are appended to benchmarks/sweep_local_results.jsonl with "reference": "
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import tempfile
@@ -44,7 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sweep_local import GPT2, HELD_OUT, RESULTS, split  # noqa: E402  (the same text and split)
+from sweep_local import GPT2, HELD_OUT, record, split  # noqa: E402  (the same text, split and results file)
 
 from llmctl.config import parse_duration  # noqa: E402
 from llmctl.data.sources import iter_documents, parse_spec  # noqa: E402
@@ -208,9 +207,8 @@ def train(r: Recipe, vocab_size: int, data: np.ndarray, budget_s: float, seed: i
                    "train_seconds": round(time.perf_counter() - start, 1), "best_val_loss": best}
 
 
-def run(name: str, budget_s: float, workdir: Path) -> dict:
+def run(name: str, budget_s: float, train_file: Path, heldout: Path) -> dict:
     r = RECIPES[name]
-    train_file, heldout = split(workdir)
     tokenizer = load_tokenizer(GPT2) if r.tokenizer == "gpt2" else ByteTokenizer()
     vocab_size = tokenizer.vocab_size
     data = token_stream(train_file, tokenizer)
@@ -239,14 +237,13 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown recipes: {', '.join(unknown)}; see --list")
     budget_s = parse_duration(a.budget)
-    torch.set_num_threads(torch.get_num_threads())
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(a.workdir or tmp)
         workdir.mkdir(parents=True, exist_ok=True)
+        train_file, heldout = split(workdir)
         for name in a.recipes:
-            result = run(name, budget_s, workdir)
-            with open(RESULTS, "a") as f:
-                f.write(json.dumps(result) + "\n")
+            result = run(name, budget_s, train_file, heldout)
+            record(result)
             print(f"nanogpt-{name:10s} bpb {result['heldout_bpb']:.4f}  ppl {result['heldout_ppl']:.1f}  "
                   f"steps {result['steps']}  tokens {result['tokens']:,}  ({HELD_OUT} held-out articles)",
                   flush=True)

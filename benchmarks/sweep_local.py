@@ -244,6 +244,12 @@ def run_candidate(name: str, budget: str, workdir: Path, train_file: Path, heldo
             "status": status.get("state")}
 
 
+def record(result: dict) -> None:
+    """Append one result row to sweep_local_results.jsonl."""
+    with open(RESULTS, "a") as f:
+        f.write(json.dumps(result) + "\n")
+
+
 def _first_row(report: dict) -> dict:
     """The eval JSON's row for the held-out spec."""
     return next(iter(report["datasets"].values()))  # {"datasets": {spec: {loss, perplexity, bits_per_byte, ...}}}
@@ -272,8 +278,7 @@ def main() -> None:
               f"({HELD_OUT} articles); budget {a.budget}", flush=True)
         for name in a.candidates:
             result = run_candidate(name, a.budget, workdir, train_file, heldout, a.preset)
-            with open(RESULTS, "a") as f:
-                f.write(json.dumps(result) + "\n")
+            record(result)
             print(f"{name:20s} bpb {result['heldout_bpb']:.4f}  ppl {result['heldout_ppl']:.2f}  "
                   f"steps {result['steps']}  tokens {result['tokens']:,}  load {result['load_before']}",
                   flush=True)
