@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sweep_local import GPT2, HELD_OUT, record, split  # noqa: E402  (the same text, split and results file)
+from sweep_local import GPT2, HELD_OUT, record, split_text  # noqa: E402  (the same text, split and results file)
 
 from llmctl.config import parse_duration  # noqa: E402
 from llmctl.data.sources import iter_documents, parse_spec  # noqa: E402
@@ -237,10 +236,7 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown recipes: {', '.join(unknown)}; see --list")
     budget_s = parse_duration(a.budget)
-    with tempfile.TemporaryDirectory() as tmp:
-        workdir = Path(a.workdir or tmp)
-        workdir.mkdir(parents=True, exist_ok=True)
-        train_file, heldout = split(workdir)
+    with split_text(a.workdir) as (_, train_file, heldout):
         for name in a.recipes:
             result = run(name, budget_s, train_file, heldout)
             record(result)

@@ -25,6 +25,7 @@ what was measured and chosen is in benchmarks/sweep_local_results.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -32,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -187,6 +189,15 @@ def split(workdir: Path) -> tuple[Path, Path]:
     return train_file, heldout_file
 
 
+@contextlib.contextmanager
+def split_text(workdir: str = "") -> Iterator[tuple[Path, Path, Path]]:
+    """(workdir, train.txt, heldout.txt) in `workdir`, or in a temporary folder removed afterwards."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(workdir or tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        yield folder, *split(folder)
+
+
 def wait_for_quiet(limit: float = 1.2, patience_s: int = 30) -> float:
     """Wait (up to patience_s) for a 1-minute load average below `limit`; returns the last reading.
     The reading includes this script's own tokenizer and cache step just before, so the wait is short."""
@@ -270,10 +281,7 @@ def main() -> None:
     unknown = [c for c in a.candidates if c not in CANDIDATES and c not in PRESETS and c not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown candidates: {', '.join(unknown)}; see --list")
-    with tempfile.TemporaryDirectory() as tmp:
-        workdir = Path(a.workdir or tmp)
-        workdir.mkdir(parents=True, exist_ok=True)
-        train_file, heldout = split(workdir)
+    with split_text(a.workdir) as (workdir, train_file, heldout):
         print(f"train {train_file.stat().st_size:,} bytes, held out {heldout.stat().st_size:,} bytes "
               f"({HELD_OUT} articles); budget {a.budget}", flush=True)
         for name in a.candidates:
