@@ -42,6 +42,7 @@ class RunConfig:
 class DataConfig:
     datasets: list[str] = field(default_factory=lambda: ["wikitext-2-raw-v1"])  # data specs, concatenated
     tokenizer: str = "gpt2"  # Hub name or local folder with tokenizer.json
+    tokenizer_min_count: int = 0  # >0: keep only the BPE tokens seen this often in the data (smaller vocabulary)
     cache_dir: str = ""  # token cache; "" = $LLMCTL_CACHE or ~/.cache/llmctl
     validation_fraction: float = 0.05  # held out when a source has no validation split
     weights: list[float] = field(default_factory=list)  # per-source sampling weights; [] = by size
@@ -74,6 +75,7 @@ class TrainConfig:
     warmup_steps: int = 500  # linear warmup from 0
     max_steps: int = 5000
     weight_decay: float = 0.1  # applied to matrices only
+    optimizer: str = "adamw"  # adamw | muon (Muon on the blocks' matrices, AdamW on embeddings and norms)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float = 1.0  # max global gradient norm; 0 = off
     lr_schedule: str = "constant"  # constant | cosine | wsd (warmup, stable, then linear decay)
@@ -149,6 +151,7 @@ class Config:
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 REPORT_TO = ("tensorboard", "wandb")  # trackers (llmctl.trackers), each an optional extra
 LR_SCHEDULES = ("constant", "cosine", "wsd")
+OPTIMIZERS = ("adamw", "muon")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([smh])")
 _SECONDS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -338,6 +341,8 @@ def validate(cfg: Config) -> None:
     _check(len(d.datasets) > 0, "data.datasets is empty; name at least one source, "
            "e.g. --set 'data.datasets=[\"text:corpus.txt\"]'")
     _check(bool(d.tokenizer), "data.tokenizer is empty; name a Hub tokenizer (gpt2) or a local folder")
+    _check(d.tokenizer_min_count >= 0,
+           f"data.tokenizer_min_count must be >= 0 (0 = keep the whole vocabulary), got {d.tokenizer_min_count}")
     _check(0.0 < d.validation_fraction < 0.5,
            f"data.validation_fraction must be in (0, 0.5), got {d.validation_fraction}")
     _check(not d.weights or (len(d.weights) == len(d.datasets) and min(d.weights) >= 0 and sum(d.weights) > 0),
@@ -361,6 +366,10 @@ def validate(cfg: Config) -> None:
     _check(m.init_std > 0, f"model.init_std must be > 0, got {m.init_std}")
     validate_training(t, "pretrain")
     validate_sft(cfg.sft)
+    for section in ("pretrain", "sft"):
+        _check(getattr(cfg, section).optimizer != "muon" or r.distributed != "fsdp",
+               f'{section}.optimizer = "muon" needs whole weight matrices, which run.distributed = "fsdp" '
+               f'shards; use run.distributed = "ddp" or {section}.optimizer = "adamw"')
     _check(e.max_tokens >= 0, f"eval.max_tokens must be >= 0 (0 = all), got {e.max_tokens}")
     _check(e.batch_size >= 0, f"eval.batch_size must be >= 0 (0 = micro batch), got {e.batch_size}")
 
@@ -391,6 +400,8 @@ def validate_training(t: TrainConfig, section: str) -> None:
     _check(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas),
            f"{section}.betas must be two numbers in [0, 1), got {t.betas}")
     _check(t.grad_clip >= 0, f"{section}.grad_clip must be >= 0 (0 = off), got {t.grad_clip}")
+    _check(t.optimizer in OPTIMIZERS,
+           f"{section}.optimizer must be one of {', '.join(OPTIMIZERS)}, got '{t.optimizer}'")
     _check(t.lr_schedule in LR_SCHEDULES,
            f"{section}.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got '{t.lr_schedule}'")
     _check(0 <= t.min_lr_ratio <= 1, f"{section}.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")

@@ -42,6 +42,7 @@ import torch
 
 from llmctl.config import TrainConfig, parse_duration
 from llmctl.errors import ConfigError, LlmctlError
+from llmctl.optim import build_optimizers
 from llmctl.runtime import (DistInfo, StopRequested, StopSignals, all_ranks_sum, autocast, rng_state, set_rng_state,
                             signal_name)
 
@@ -72,21 +73,6 @@ def lr_at(step: int, cfg: TrainConfig, progress: float | None = None) -> float:
             return cfg.lr
         return floor + (cfg.lr - floor) * left / cfg.decay_fraction
     return cfg.lr
-
-
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (embeddings and linear weights);
-    norm gains and sink logits are not decayed."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    # The fused kernel is several times faster than the per-tensor loop on CUDA and CPU.
-    fused = device.type in ("cuda", "cpu")
-    try:
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused)
-    except (RuntimeError, TypeError):
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
 
 
 class BatchSource(Protocol):
@@ -234,7 +220,7 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
 
             self._ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        self.optimizer = build_optimizer(model, cfg, device)
+        self.optimizers = build_optimizers(model, cfg, device)
         self.scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
         self.step = 0  # optimizer steps completed
         self.tokens_seen = 0
@@ -261,8 +247,9 @@ class Trainer:
         """One optimizer step over `accumulation` micro-batches; returns device tensors
         (mean loss, gradient norm before clipping) without synchronising."""
         lr = lr_at(self.step, self.cfg, self.progress())
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(self.accumulation):
             x, y = self.batches.next_batch()
@@ -275,17 +262,20 @@ class Trainer:
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             loss_sum += loss.detach()
         if self.scaler:
-            self.scaler.unscale_(self.optimizer)
+            for optimizer in self.optimizers:
+                self.scaler.unscale_(optimizer)
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor; every rank holds the same total
             grad_norm = grad_norm.full_tensor()
+        for optimizer in self.optimizers:
+            if self.scaler:
+                self.scaler.step(optimizer)
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         if self.scaler:
-            self.scaler.step(self.optimizer)
             self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens_seen += self.cfg.batch_size * self.seq_len
         return loss_sum, grad_norm
@@ -530,10 +520,10 @@ class Trainer:
         """Full (unsharded) states whatever the strategy, the optimizer's keyed by parameter
         name rather than position, so a checkpoint resumes under any world size or strategy."""
         if not torch.distributed.is_available():  # some macOS/Windows builds
-            return self.model.state_dict(), self.optimizer.state_dict()
+            return self.model.state_dict(), {"optimizers": [o.state_dict() for o in self.optimizers]}
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-        return get_state_dict(self.model, self.optimizer,
+        return get_state_dict(self.model, self.optimizers,
                               options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -541,12 +531,13 @@ class Trainer:
             if torch.distributed.is_available():
                 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-                set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                set_state_dict(self.model, self.optimizers, model_state_dict=state["model"],
                                optim_state_dict=state["optimizer"],
                                options=StateDictOptions(full_state_dict=True))
             else:
                 self.model.load_state_dict(state["model"])
-                self.optimizer.load_state_dict(state["optimizer"])
+                for optimizer, optimizer_state in zip(self.optimizers, state["optimizer"]["optimizers"], strict=True):
+                    optimizer.load_state_dict(optimizer_state)
             self.batches.load_state_dict(state["data_position"])
             set_rng_state(state["rng"])
             if self.scaler is not None and "grad_scaler" in state:

@@ -67,6 +67,9 @@ def test_parse_override_reads_toml_else_string():
     ("pretrain.warmup_steps=-1", "pretrain.warmup_steps must be >= 0"),
     ("pretrain.betas=[0.9]", "pretrain.betas must be two numbers"),
     ("pretrain.lr_schedule=linear", "pretrain.lr_schedule must be one of"),
+    ("pretrain.optimizer=sgd", "pretrain.optimizer must be one of adamw, muon"),
+    ("pretrain.optimizer=muon run.distributed=fsdp", "which run.distributed = \"fsdp\" shards"),
+    ("data.tokenizer_min_count=-1", "data.tokenizer_min_count must be >= 0"),
     ("pretrain.lrr=1", "unknown config key 'pretrain.lrr'"),
     ("pretrian.lr=1", "unknown config section 'pretrian'"),
     ("model.n_heads=5", "must be divisible by model.n_heads"),
@@ -84,7 +87,7 @@ def test_parse_override_reads_toml_else_string():
 ])
 def test_bad_overrides_name_the_key(override, fragment):
     with pytest.raises(ConfigError) as e:
-        load_config("tiny", [override])
+        load_config("tiny", override.split())
     assert fragment in str(e.value)
 
 

@@ -203,7 +203,7 @@ class Recorder:
             os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, delivered to this (main) thread
 
 
-def make_trainer(tmp_path: Path, tokenizer_dir: Path, callbacks) -> Trainer:
+def make_trainer(tmp_path: Path, tokenizer_dir: Path, callbacks, optimizer: str = "adamw") -> Trainer:
     """A Trainer wired by hand, as a stage other than pretrain (SFT) wires it."""
     torch.manual_seed(0)
     tokenizer = load_tokenizer(str(tokenizer_dir))
@@ -211,7 +211,7 @@ def make_trainer(tmp_path: Path, tokenizer_dir: Path, callbacks) -> Trainer:
     cfg.run.name = "t"
     cfg.model = ModelConfig(vocab_size=tokenizer.vocab_size, d_model=32, n_layers=1, n_heads=4, max_seq_len=16)
     train = TrainConfig(lr=3e-3, batch_size=4, micro_batch_size=2, warmup_steps=2, max_steps=10,
-                        eval_every=100, save_every=100, lr_schedule="cosine")
+                        eval_every=100, save_every=100, lr_schedule="cosine", optimizer=optimizer)
     tokens = np.random.default_rng(0).integers(0, tokenizer.vocab_size, 5000).astype(np.uint16)
     ckpt = CheckpointCallback(tmp_path, cfg, "sft", tokenizer, {"sources": [], "tokens": {"train": 5000}}, 0)
     return Trainer(Transformer(cfg.model), train, batches=RandomWindows(tokens, 16, 2, seed=5), evaluate=None,
@@ -219,15 +219,17 @@ def make_trainer(tmp_path: Path, tokenizer_dir: Path, callbacks) -> Trainer:
                    callbacks=[*callbacks, ckpt])
 
 
-def test_trainer_sigint_saves_the_current_step_and_resumes_exactly(tmp_path, small_tok):
-    """The generic path SFT shares: signal -> checkpoint of that step -> new Trainer -> same result."""
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_trainer_sigint_saves_the_current_step_and_resumes_exactly(tmp_path, small_tok, optimizer):
+    """The generic path SFT shares: signal -> checkpoint of that step -> new Trainer -> same result
+    (with Muon, both optimizers' states travel in the checkpoint)."""
     ref = Recorder()
-    reference = make_trainer(tmp_path / "ref", small_tok, [ref])
+    reference = make_trainer(tmp_path / "ref", small_tok, [ref], optimizer)
     reference.fit()
 
     handler = signal.getsignal(signal.SIGINT)
     stopped = Recorder(at_step=4)
-    trainer = make_trainer(tmp_path / "run", small_tok, [stopped])
+    trainer = make_trainer(tmp_path / "run", small_tok, [stopped], optimizer)
     with pytest.raises(TrainingInterrupted) as info:
         trainer.fit()
     assert info.value.exit_code == 130 and info.value.step == 4
@@ -236,7 +238,7 @@ def test_trainer_sigint_saves_the_current_step_and_resumes_exactly(tmp_path, sma
     assert saved["step"] == 4 and saved["stage"] == "sft"
 
     resumed_log = Recorder()
-    resumed = make_trainer(tmp_path / "run", small_tok, [resumed_log])
+    resumed = make_trainer(tmp_path / "run", small_tok, [resumed_log], optimizer)
     torch.manual_seed(123)  # any global RNG drift before loading must not matter
     resumed.load_state_dict(saved)
     resumed.fit()

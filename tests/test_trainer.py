@@ -45,7 +45,7 @@ def test_micro_batches_with_accumulation_equal_one_large_batch():
     # Plain SGD makes the update proportional to the gradient, so weights compare the gradients
     # (Adam's normalisation would amplify float rounding in near-zero gradients).
     for t in (big, small):
-        t.optimizer = torch.optim.SGD(t.model.parameters(), lr=1.0)
+        t.optimizers = [torch.optim.SGD(t.model.parameters(), lr=1.0)]
     loss_big, norm_big = big.train_step()
     loss_small, norm_small = small.train_step()
     torch.testing.assert_close(loss_small, loss_big, atol=1e-6, rtol=1e-5)
@@ -54,8 +54,9 @@ def test_micro_batches_with_accumulation_equal_one_large_batch():
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
 
 
-def test_tiny_model_overfits_one_batch():
-    trainer = make(micro=8, lr=3e-3, max_steps=150)
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_tiny_model_overfits_one_batch(optimizer):
+    trainer = make(micro=8, lr=3e-3, max_steps=150, optimizer=optimizer)
     first, _ = trainer.train_step()
     for _ in range(149):
         last, _ = trainer.train_step()
@@ -65,9 +66,27 @@ def test_tiny_model_overfits_one_batch():
 
 def test_weight_decay_only_on_matrices():
     trainer = make(micro=8)
-    decay, no_decay = trainer.optimizer.param_groups
+    [adamw] = trainer.optimizers
+    decay, no_decay = adamw.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+
+
+def test_muon_takes_the_block_matrices_and_adamw_the_rest():
+    trainer = make(micro=8, optimizer="muon")
+    muon, adamw = trainer.optimizers
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    in_muon = [names[id(p)] for g in muon.param_groups for p in g["params"]]
+    in_adamw = [names[id(p)] for g in adamw.param_groups for p in g["params"]]
+    assert sorted(in_muon + in_adamw) == sorted(names.values())  # each parameter in exactly one
+    assert in_muon and all(n.startswith("blocks.") and n.endswith("weight") and "norm" not in n for n in in_muon)
+    assert "tok_emb.weight" in in_adamw
+    decay, no_decay = adamw.param_groups
+    assert [names[id(p)] for p in decay["params"]] == ["tok_emb.weight"] and no_decay["weight_decay"] == 0.0
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train_step()
+    assert all(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())  # all move
 
 
 def test_lr_schedule_warmup_then_constant_or_cosine():

@@ -71,7 +71,7 @@ def cached_trained_tokenizer(cfg: DataConfig, vocab: int) -> TextTokenizer | Non
     return _load(folder, vocab) if (folder / "tokenizer.json").is_file() else None
 
 
-def _sample(specs: list[SourceSpec], budget: int) -> Iterator[str]:
+def sample_documents(specs: list[SourceSpec], budget: int) -> Iterator[str]:
     """Training documents, up to budget / len(specs) characters from the start of each source."""
     share = budget // len(specs)
     for spec in specs:
@@ -104,7 +104,7 @@ def train_tokenizer(cfg: DataConfig, vocab: int,
     seen = {"documents": 0}
 
     def counted() -> Iterator[str]:
-        for doc in _sample(specs, SAMPLE_CHARS):
+        for doc in sample_documents(specs, SAMPLE_CHARS):
             seen["documents"] += 1
             yield doc
     backend.train_from_iterator(counted(), trainer=trainer)
@@ -112,20 +112,26 @@ def train_tokenizer(cfg: DataConfig, vocab: int,
         raise LlmctlError(f"data.tokenizer '{cfg.tokenizer}': the sources yielded no text to train on; "
                           f"check that data.datasets are not empty")
 
+    save_tokenizer_folder(backend.to_str(), EOS, folder)
+    return _load(folder, vocab)
+
+
+def save_tokenizer_folder(tokenizer_json: str, eos: str, folder: Path) -> None:
+    """Write tokenizer.json and a tokenizer_config.json naming `eos` into `folder` atomically
+    (a whole folder appears, or none), so it also works as `data.tokenizer = <folder>`."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     partial = folder.parent / f".{folder.name}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
     try:
-        backend.save(str(partial / "tokenizer.json"))
+        (partial / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
         (partial / "tokenizer_config.json").write_text(json.dumps({
-            "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS, "bos_token": EOS,
-            "unk_token": EOS, "model_max_length": 1 << 30, "add_prefix_space": False}, indent=2))
+            "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "bos_token": eos,
+            "unk_token": eos, "model_max_length": 1 << 30, "add_prefix_space": False}, indent=2))
         try:
             os.replace(partial, folder)
         except OSError:
-            if not (folder / "tokenizer.json").is_file():  # not a concurrent training that won the race
+            if not (folder / "tokenizer.json").is_file():  # not a concurrent writer that won the race
                 raise
     finally:
         shutil.rmtree(partial, ignore_errors=True)
-    return _load(folder, vocab)

@@ -7,7 +7,9 @@ that JSON) ties token stores and checkpoints to the tokenizer that made them, an
 `check_fingerprint` refuses to mix ids from two different tokenizers.
 
 `data.tokenizer = "train:V"` trains a byte-level BPE of V tokens on the configured sources
-instead (see `llmctl.data.bpe`); `resolve_tokenizer` is the one entry point for all three.
+instead (see `llmctl.data.bpe`), and `data.tokenizer_min_count = N` cuts any BPE tokenizer down
+to the tokens the sources use (see `llmctl.data.prune`); `resolve_tokenizer` is the one entry
+point for all of them.
 """
 
 from __future__ import annotations
@@ -111,25 +113,39 @@ def load_tokenizer(name: str) -> TextTokenizer:
 
 def resolve_tokenizer(cfg: "DataConfig", on_status: Callable[[str], None] | None = None) -> TextTokenizer:
     """`data.tokenizer` -> TextTokenizer: a Hub name, a local folder, or `train:V` (a byte-level
-    BPE trained on `data.datasets`, cached after the first time)."""
+    BPE trained on `data.datasets`, cached after the first time); with `data.tokenizer_min_count`,
+    cut down to the tokens the sources use (`llmctl.data.prune`, also cached)."""
     from llmctl.data.bpe import parse_train_spec, train_tokenizer
 
     vocab = parse_train_spec(cfg.tokenizer)
-    if vocab is None:
-        return load_tokenizer(cfg.tokenizer)
-    return train_tokenizer(cfg, vocab, on_status)
+    base = load_tokenizer(cfg.tokenizer) if vocab is None else train_tokenizer(cfg, vocab, on_status)
+    if not cfg.tokenizer_min_count:
+        return base
+    from llmctl.data.prune import prune_tokenizer
+
+    return prune_tokenizer(cfg, base, on_status)
 
 
 def planned_vocab_size(cfg: "DataConfig") -> int:
-    """The tokenizer's vocabulary without training one (for `--dry-run`): V for train:V
-    unless it is already trained and cached, else the loaded tokenizer's size."""
+    """The tokenizer's vocabulary without training or pruning one (for `--dry-run`): the
+    cached result if there is one, else V for train:V or the whole vocabulary (an upper
+    bound when data.tokenizer_min_count will prune it)."""
     from llmctl.data.bpe import cached_trained_tokenizer, parse_train_spec
 
     vocab = parse_train_spec(cfg.tokenizer)
     if vocab is None:
-        return load_tokenizer(cfg.tokenizer).vocab_size
-    cached = cached_trained_tokenizer(cfg, vocab)
-    return cached.vocab_size if cached is not None else vocab
+        base = load_tokenizer(cfg.tokenizer)
+    else:
+        base = cached_trained_tokenizer(cfg, vocab)
+        if base is None:
+            return vocab
+    if cfg.tokenizer_min_count:
+        from llmctl.data.prune import cached_pruned_tokenizer
+
+        pruned = cached_pruned_tokenizer(cfg, base)
+        if pruned is not None:
+            return pruned.vocab_size
+    return base.vocab_size
 
 
 def check_fingerprint(expected: str, tokenizer: TextTokenizer, what: str) -> None:

@@ -1,0 +1,53 @@
+"""The optimizers a training run steps: AdamW alone, or Muon with AdamW (`optimizer = "muon"`).
+
+AdamW decays matrices only (embeddings and linear weights); norm gains and sink logits are
+not decayed.
+
+Muon (torch.optim.Muon) updates a weight matrix with its momentum orthogonalized by a few
+Newton-Schulz iterations: every direction of the update moves by the same amount, instead of
+the few directions that dominate a raw gradient. On small transformers it reaches a given
+loss in noticeably fewer tokens than AdamW. It only applies to 2-D weights that act as
+linear maps inside the blocks (attention and MLP); the token embedding (tied to the output
+layer), whose rows are looked up rather than multiplied, and the norm gains stay with AdamW.
+With `adjust_lr_fn="match_rms_adamw"` Muon scales each update to AdamW's typical size, so
+one `lr` and `weight_decay` serve both optimizers and a recipe tuned for AdamW is a fair
+starting point.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llmctl.config import OPTIMIZERS, TrainConfig
+from llmctl.errors import ConfigError
+
+
+
+def _adamw(groups: list[dict], cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    # The fused kernel is several times faster than the per-tensor loop on CUDA and CPU.
+    fused = device.type in ("cuda", "cpu")
+    try:
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+
+
+def build_optimizers(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> list[torch.optim.Optimizer]:
+    """The optimizers for `model`'s trainable parameters, each parameter in exactly one. (Muon
+    needs whole matrices: config validation refuses it with FSDP's sharded parameters.)"""
+    params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if cfg.optimizer == "muon":
+        matrices = [p for name, p in params if p.dim() == 2 and name.startswith("blocks.")]
+        rest = [(name, p) for name, p in params if not (p.dim() == 2 and name.startswith("blocks."))]
+        decay = [p for _, p in rest if p.dim() >= 2]
+        no_decay = [p for _, p in rest if p.dim() < 2]
+        muon = torch.optim.Muon(matrices, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                adjust_lr_fn="match_rms_adamw")
+        return [muon, _adamw([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], cfg, device)]
+    if cfg.optimizer != "adamw":
+        raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got '{cfg.optimizer}'")
+    decay = [p for _, p in params if p.dim() >= 2]
+    no_decay = [p for _, p in params if p.dim() < 2]
+    return [_adamw([{"params": decay, "weight_decay": cfg.weight_decay},
+                    {"params": no_decay, "weight_decay": 0.0}], cfg, device)]
