@@ -70,6 +70,8 @@ RECIPES = {
     # A wider model with GPT-2's tokens and a longer context: fewer, slower steps.
     "gpt2-256": Recipe("gpt2", 4, 4, 256, 128, 12, 0.1),
     "gpt2-384": Recipe("gpt2", 6, 6, 384, 128, 12, 0.2),
+    # Its best size at cpu-10m's lower peak LR, so that nanoGPT's side gets the same LR tuning.
+    "gpt2-256-lr6e-4": Recipe("gpt2", 4, 4, 256, 128, 12, 0.1, lr=6e-4),
     # The same CPU command on bytes (nanoGPT's char-level recipe), and the "baby GPT" itself
     # (6 x 384, 256 context, batch 64, dropout 0.2) at a CPU-sized batch.
     "bytes-cpu": Recipe("bytes", 4, 4, 128, 64, 12, 0.0),

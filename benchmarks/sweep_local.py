@@ -190,6 +190,8 @@ VARIANTS["gpt2-muon"] = ("cpu-10m", {"data.tokenizer": f'"{GPT2}"', "pretrain.op
 # (2.1767) to its end (2.1768). So, more regularisation with AdamW:
 VARIANTS["gpt2-wd1"] = ("cpu-10m", {"data.tokenizer": f'"{GPT2}"', "pretrain.weight_decay": "1.0"})
 VARIANTS["gpt2-drop0.3"] = ("cpu-10m", {"data.tokenizer": f'"{GPT2}"', "model.dropout": "0.3"})
+# The spread between runs: cpu-10m with another seed (weights, data order).
+VARIANTS["cpu-10m-seed2"] = ("cpu-10m", {"data.tokenizer": f'"{GPT2}"', "run.seed": "2"})
 
 
 def split(workdir: Path) -> tuple[Path, Path]:
