@@ -48,3 +48,23 @@ def test_reference_recipe_learns_a_repetitive_text_in_seconds():
     model, info = ref.train(recipe, 257, data, budget_s=4.0)
     assert info["steps"] > 20 and info["planned_steps"] >= info["steps"]
     assert info["best_val_loss"] < math.log(257) / 2  # far below a uniform guess over 257 ids
+
+
+def test_heldout_breakdown_scores_every_token_as_llmctl_eval_does():
+    """heldout_breakdown.token_losses: one loss per target, averaging to evaluate_tokens' loss
+    on the same stream and context (disjoint windows), so its shares add up to `llmctl eval`."""
+    from llmctl.config import ModelConfig
+    from llmctl.evaluate import evaluate_tokens
+    from llmctl.model import Transformer
+
+    spec = importlib.util.spec_from_file_location("heldout_breakdown", REPO / "benchmarks" / "heldout_breakdown.py")
+    breakdown = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(breakdown)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=50, d_model=32, n_layers=1, n_heads=4, max_seq_len=16)).eval()
+    ids = torch.randint(0, 50, (75,)).tolist()  # 74 targets: four full windows and one of 10
+    losses = breakdown.token_losses(model, ids, 16)
+    assert losses.shape == (74,) and np.isfinite(losses).all()
+    reference = evaluate_tokens(model, np.array(ids), 16, batch_size=2, device=torch.device("cpu"))
+    assert reference["tokens"] == 74
+    assert math.isclose(float(losses.mean()), reference["loss"], rel_tol=1e-5)
