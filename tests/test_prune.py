@@ -14,7 +14,7 @@ import pytest
 from conftest import PYTHON
 from llmctl.config import DataConfig
 from llmctl.data.prune import prune_vocabulary
-from llmctl.data.tokenizer import load_tokenizer, planned_vocab_size, resolve_tokenizer
+from llmctl.data.tokenizer import load_tokenizer, planned_vocab_size, ready_tokenizer, resolve_tokenizer
 from llmctl.errors import ConfigError
 from small_runs import small_run_args
 
@@ -55,6 +55,8 @@ def test_min_count_1_keeps_the_training_tokenization_and_encodes_anything(corpus
 def test_resolve_prunes_once_caches_and_plans(tmp_path, corpus, gpt2_dir):
     cfg = DataConfig(datasets=[f"text:{corpus}"], tokenizer=str(gpt2_dir), tokenizer_min_count=2,
                      cache_dir=str(tmp_path))
+    assert ready_tokenizer(cfg) is None  # data info / --dry-run before the first run: not made yet
+    assert planned_vocab_size(cfg) == 50257  # the upper bound
     said: list[str] = []
     tok = resolve_tokenizer(cfg, said.append)
     assert said and "kept" in said[-1] and tok.vocab_size < 10_000
@@ -70,6 +72,7 @@ def test_resolve_prunes_once_caches_and_plans(tmp_path, corpus, gpt2_dir):
     again_said: list[str] = []
     assert resolve_tokenizer(cfg, again_said.append).fingerprint == tok.fingerprint and not again_said
     assert planned_vocab_size(cfg) == tok.vocab_size
+    assert ready_tokenizer(cfg).fingerprint == tok.fingerprint
     folder = next(tmp_path.glob("tokenizer-*"))
     assert load_tokenizer(str(folder)).fingerprint == tok.fingerprint  # usable as data.tokenizer = folder
     fewer = resolve_tokenizer(DataConfig(datasets=cfg.datasets, tokenizer=str(gpt2_dir), tokenizer_min_count=1,

@@ -18,12 +18,11 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeRemaining
 from rich.table import Table
 
 from llmctl.config import DataConfig
-from llmctl.data.bpe import cached_trained_tokenizer, parse_train_spec
 from llmctl.data.shards import completed_shards
 from llmctl.data.sources import check_sources
 from llmctl.data.store import (SPLITS, SourceProgress, open_store, partial_path, prepare_store, store_path,
                                verify_store)
-from llmctl.data.tokenizer import TextTokenizer, load_tokenizer, resolve_tokenizer
+from llmctl.data.tokenizer import TextTokenizer, ready_tokenizer, resolve_tokenizer
 
 
 class PrepareDisplay:
@@ -70,19 +69,11 @@ class PrepareDisplay:
                      f"({rate:,.0f} tokens/s{resumed})")
 
 
-def _tokenizer_if_ready(cfg: DataConfig) -> TextTokenizer | None:
-    """The configured tokenizer without training one: None for a train:V not trained yet."""
-    vocab = parse_train_spec(cfg.tokenizer)
-    if vocab is None:
-        return load_tokenizer(cfg.tokenizer)
-    return cached_trained_tokenizer(cfg, vocab)
-
-
 def describe(cfg: DataConfig, tokenizer: TextTokenizer | None = None, verify: bool = False) -> dict[str, Any]:
     """The store for this config as one plain dict (what `data info --json` prints); `verify`
     re-hashes every shard against the manifest's sha256 (`corrupt_shards`)."""
     specs = check_sources(cfg.datasets)
-    tokenizer = tokenizer or _tokenizer_if_ready(cfg)
+    tokenizer = tokenizer or ready_tokenizer(cfg)
     info: dict[str, Any] = {"prepared": False, "path": None, "tokenizer": cfg.tokenizer,
                             "tokenizer_fingerprint": None, "vocab_size": None, "dtype": None,
                             "format_version": None, "shards": 0, "resumable_shards": 0,

@@ -126,26 +126,31 @@ def resolve_tokenizer(cfg: "DataConfig", on_status: Callable[[str], None] | None
     return prune_tokenizer(cfg, base, on_status)
 
 
-def planned_vocab_size(cfg: "DataConfig") -> int:
-    """The tokenizer's vocabulary without training or pruning one (for `--dry-run`): the
-    cached result if there is one, else V for train:V or the whole vocabulary (an upper
-    bound when data.tokenizer_min_count will prune it)."""
+def ready_tokenizer(cfg: "DataConfig") -> TextTokenizer | None:
+    """The tokenizer `resolve_tokenizer` would give, if that needs no training or pruning (it
+    is loaded, or cached from an earlier run); None if it still has to be made."""
     from llmctl.data.bpe import cached_trained_tokenizer, parse_train_spec
 
     vocab = parse_train_spec(cfg.tokenizer)
-    if vocab is None:
-        base = load_tokenizer(cfg.tokenizer)
-    else:
-        base = cached_trained_tokenizer(cfg, vocab)
-        if base is None:
-            return vocab
-    if cfg.tokenizer_min_count:
-        from llmctl.data.prune import cached_pruned_tokenizer
+    base = load_tokenizer(cfg.tokenizer) if vocab is None else cached_trained_tokenizer(cfg, vocab)
+    if base is None or not cfg.tokenizer_min_count:
+        return base
+    from llmctl.data.prune import cached_pruned_tokenizer
 
-        pruned = cached_pruned_tokenizer(cfg, base)
-        if pruned is not None:
-            return pruned.vocab_size
-    return base.vocab_size
+    return cached_pruned_tokenizer(cfg, base)
+
+
+def planned_vocab_size(cfg: "DataConfig") -> int:
+    """The tokenizer's vocabulary without training or pruning one (for `--dry-run`): the
+    ready tokenizer's, else V for train:V or the whole vocabulary before pruning (upper
+    bounds: the pruned tokenizer can only be smaller)."""
+    from llmctl.data.bpe import parse_train_spec
+
+    ready = ready_tokenizer(cfg)
+    if ready is not None:
+        return ready.vocab_size
+    vocab = parse_train_spec(cfg.tokenizer)
+    return vocab if vocab is not None else load_tokenizer(cfg.tokenizer).vocab_size
 
 
 def check_fingerprint(expected: str, tokenizer: TextTokenizer, what: str) -> None:
