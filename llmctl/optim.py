@@ -8,9 +8,10 @@ Newton-Schulz iterations: every direction of the update moves by the same amount
 the few directions that dominate a raw gradient. On small transformers it usually reaches a
 given training loss in fewer tokens than AdamW (on cpu-10m's 1 MB of text: a lower training
 loss per step, but ~20% fewer steps on a CPU and a worse score on unseen articles, 2.220
-against 2.177 bits per byte: it fits small data faster, overfitting included). It only applies to 2-D weights that act as
-linear maps inside the blocks (attention and MLP); the token embedding (tied to the output
-layer), whose rows are looked up rather than multiplied, and the norm gains stay with AdamW.
+against 2.177 bits per byte: it fits small data faster, overfitting included). It only
+applies to 2-D weights that act as linear maps inside the blocks (attention and MLP); the
+token embedding (tied to the output layer), whose rows are looked up rather than multiplied,
+and the norm gains stay with AdamW.
 With `adjust_lr_fn="match_rms_adamw"` Muon scales each update to AdamW's typical size, so
 one `lr` and `weight_decay` serve both optimizers and a recipe tuned for AdamW is a fair
 starting point.
@@ -24,7 +25,6 @@ from llmctl.config import OPTIMIZERS, TrainConfig
 from llmctl.errors import ConfigError
 
 
-
 def _adamw(groups: list[dict], cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     # The fused kernel is several times faster than the per-tensor loop on CUDA and CPU.
     fused = device.type in ("cuda", "cpu")
@@ -35,21 +35,19 @@ def _adamw(groups: list[dict], cfg: TrainConfig, device: torch.device) -> torch.
 
 
 def build_optimizers(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> list[torch.optim.Optimizer]:
-    """The optimizers for `model`'s trainable parameters, each parameter in exactly one. (Muon
-    needs whole matrices: config validation refuses it with FSDP's sharded parameters.)"""
-    params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    if cfg.optimizer == "muon":
-        matrices = [p for name, p in params if p.dim() == 2 and name.startswith("blocks.")]
-        rest = [(name, p) for name, p in params if not (p.dim() == 2 and name.startswith("blocks."))]
-        decay = [p for _, p in rest if p.dim() >= 2]
-        no_decay = [p for _, p in rest if p.dim() < 2]
-        muon = torch.optim.Muon(matrices, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                adjust_lr_fn="match_rms_adamw")
-        return [muon, _adamw([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], cfg, device)]
-    if cfg.optimizer != "adamw":
+    """The optimizers for `model`'s trainable parameters, each parameter in exactly one: with
+    Muon, [Muon, AdamW], else [AdamW]. (Muon needs whole matrices: config validation refuses
+    it with FSDP's sharded parameters.)"""
+    if cfg.optimizer not in OPTIMIZERS:
         raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got '{cfg.optimizer}'")
-    decay = [p for _, p in params if p.dim() >= 2]
-    no_decay = [p for _, p in params if p.dim() < 2]
-    return [_adamw([{"params": decay, "weight_decay": cfg.weight_decay},
-                    {"params": no_decay, "weight_decay": 0.0}], cfg, device)]
+    matrices, rest = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            muon_takes = cfg.optimizer == "muon" and p.dim() == 2 and name.startswith("blocks.")
+            (matrices if muon_takes else rest).append(p)
+    adamw = _adamw([{"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+                    {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}], cfg, device)
+    if cfg.optimizer != "muon":
+        return [adamw]
+    return [torch.optim.Muon(matrices, lr=cfg.lr, weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw"),
+            adamw]
