@@ -536,7 +536,10 @@ class Trainer:
                                options=StateDictOptions(full_state_dict=True))
             else:
                 self.model.load_state_dict(state["model"])
-                for optimizer, optimizer_state in zip(self.optimizers, state["optimizer"]["optimizers"], strict=True):
+                saved = state["optimizer"]
+                # {"optimizers": [...]} since Muon; a checkpoint from before holds one AdamW state
+                saved = saved["optimizers"] if "optimizers" in saved else [saved]
+                for optimizer, optimizer_state in zip(self.optimizers, saved, strict=True):
                     optimizer.load_state_dict(optimizer_state)
             self.batches.load_state_dict(state["data_position"])
             set_rng_state(state["rng"])
