@@ -63,6 +63,8 @@ class ModelConfig:
     init_std: float = 0.02
     pad_vocab_multiple: int = 64  # embedding rows padded for faster matmuls
     use_attention_sinks: bool = False  # learned per-head sink logit (explicit attention path)
+    copy_pointer: bool = False  # also predict by pointing at earlier tokens of the context (llmctl/pointer.py)
+    attention_block: int = 0  # attention reads only its own block of N positions; 0 = the whole context
     dropout: float = 0.0  # embedding, attention and residual dropout in training; 0.1-0.2 for small data
     gradient_checkpointing: bool = False  # recompute each block in backward to save memory
 
@@ -360,6 +362,9 @@ def validate(cfg: Config) -> None:
     kv = m.n_kv_heads or m.n_heads
     _check(m.n_heads % kv == 0,
            f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({kv})")
+    _check(m.attention_block == 0 or (m.attention_block >= 1 and m.max_seq_len % m.attention_block == 0),
+           f"model.attention_block must be 0 (attend to the whole context) or divide model.max_seq_len "
+           f"({m.max_seq_len}), got {m.attention_block}")
     _check(0 <= m.dropout < 1, f"model.dropout must be in [0, 1), got {m.dropout}")
     _check(m.rope_theta > 0, f"model.rope_theta must be > 0, got {m.rope_theta}")
     _check(m.norm_eps > 0, f"model.norm_eps must be > 0, got {m.norm_eps}")

@@ -11,7 +11,8 @@ transformers' `GraniteSWAForCausalLM` can — one learned logit per head in the 
 denominator, applied as sigmoid(logsumexp - sink) — and with every layer on full attention
 and Granite's multipliers at 1 (attention scale 1/sqrt(head_dim)) it computes llmctl's
 model exactly, so sink models go there. Where the installed transformers lacks it, the
-export stops with one line naming the option.
+export stops with one line naming the option. No transformers architecture has a copy
+pointer (`model.copy_pointer`): such a model exports only as `--format safetensors`.
 
 `--format safetensors` writes the bare weights under llmctl's own names (`model.safetensors`,
 fused tensors, padded vocabulary) with `config.toml`, `tokenizer.json` and `llmctl.json`
@@ -68,6 +69,13 @@ PROBE_CONVERSATION = [("system", "You are terse."), ("user", "Name a colour."), 
 def hf_architecture(model_cfg: Any, arch: str | None = None) -> str:
     """Which transformers architecture expresses this model: "llama", or "granite_swa" for
     attention sinks. `arch` forces one (the self-check then proves or refutes it)."""
+    if getattr(model_cfg, "copy_pointer", False):
+        raise LlmctlError("model.copy_pointer = true has no transformers architecture (a Llama-style model "
+                          "cannot point at earlier tokens of its context); export with --format safetensors, "
+                          "or train without the pointer for a transformers model")
+    if getattr(model_cfg, "attention_block", 0) and model_cfg.attention_block < model_cfg.max_seq_len:
+        raise LlmctlError(f"model.attention_block = {model_cfg.attention_block} (attention within blocks of the "
+                          f"context) has no transformers architecture; export with --format safetensors")
     if arch is not None:
         return arch
     if not model_cfg.use_attention_sinks:

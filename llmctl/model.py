@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from llmctl.config import ModelConfig
-from llmctl.cross_entropy import linear_cross_entropy
+from llmctl.cross_entropy import IGNORE_INDEX, linear_cross_entropy
 from llmctl.dropout import dropout
+from llmctl.pointer import CopyPointer
 
 
 def padded_vocab_size(vocab_size: int, multiple: int) -> int:
@@ -100,6 +101,15 @@ class KVCache:
         self.values: list[torch.Tensor | None] = [None] * cfg.n_layers  # in the dtype autocast gives
         self.pos = 0  # tokens seen so far = absolute position of the next token
         self._mask: torch.Tensor | None = None  # (T, S) for the step in progress; None = attend to all
+        # With block-local attention, a token attends only to its own block of `block` positions
+        # (absolute positions // block); slot_pos holds each slot's position (-1 = empty).
+        self.block = cfg.attention_block if 0 < cfg.attention_block < cfg.max_seq_len else 0
+        self.slot_pos: torch.Tensor | None = None  # (L,)
+        # A copy pointer's keys: each slot's final hidden state, input id and absolute position
+        # (-1 = empty), in the same ring of L slots as the keys and values.
+        self.pointer_h: torch.Tensor | None = None  # (B, L, C)
+        self.pointer_ids: torch.Tensor | None = None  # (B, L)
+        self.pointer_pos: torch.Tensor | None = None  # (L,)
 
     def room(self) -> int:
         return self.size - self.pos if self.pos < self.size else 1
@@ -109,8 +119,17 @@ class KVCache:
         if T < 1 or T > self.room():
             raise ValueError(f"a cached step takes 1..{self.room()} tokens now, got {T}")
         S = self.pos + T
-        self._mask = None if T == 1 else (
-            torch.arange(S, device=device)[None, :] <= torch.arange(self.pos, S, device=device)[:, None])
+        if not self.block:
+            self._mask = None if T == 1 else (
+                torch.arange(S, device=device)[None, :] <= torch.arange(self.pos, S, device=device)[:, None])
+            return
+        if self.slot_pos is None:
+            self.slot_pos = torch.full((self.size,), -1, dtype=torch.long, device=device)
+        query_pos = torch.arange(self.pos, S, device=device)  # (T,)
+        self.slot_pos[query_pos % self.size] = query_pos
+        key_pos = self.slot_pos[:S] if S <= self.size else self.slot_pos  # the keys `update` will return
+        self._mask = ((key_pos[None, :] >= 0) & (key_pos[None, :] <= query_pos[:, None])
+                      & (key_pos[None, :] // self.block == query_pos[:, None] // self.block))  # (T, S)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -128,7 +147,33 @@ class KVCache:
         slot = self.pos % self.size  # full: overwrite the oldest token; order no longer matters
         keys[:, :, slot] = k[:, :, 0]
         values[:, :, slot] = v[:, :, 0]
-        return keys, values, None
+        return keys, values, self._mask  # None unless attention is block-local
+
+    def pointer_update(self, h: torch.Tensor, idx: torch.Tensor, query_pos: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Store this step's final hidden states h (B, T, C) and inputs idx (B, T) (call before
+        `advance`); return the pointer's keys (B, L, C), the token each offers (B, L) and which
+        ones each query at absolute positions `query_pos` (Q,) may point at (Q, L).
+
+        Key j offers x_{j+1}: the input one slot later, if that slot holds position j + 1. A
+        query at t sees keys t - L < j < t, as a training window of L tokens would."""
+        if self.pointer_h is None:
+            B, _, C = h.shape
+            self.pointer_h = torch.zeros(B, self.size, C, dtype=h.dtype, device=h.device)
+            self.pointer_ids = torch.zeros(B, self.size, dtype=torch.long, device=h.device)
+            self.pointer_pos = torch.full((self.size,), -1, dtype=torch.long, device=h.device)
+        T = idx.size(1)
+        slots = torch.arange(self.pos, self.pos + T, device=h.device) % self.size  # distinct: T <= room()
+        self.pointer_h[:, slots] = h.to(self.pointer_h.dtype)
+        self.pointer_ids[:, slots] = idx
+        self.pointer_pos[slots] = torch.arange(self.pos, self.pos + T, device=h.device)
+        key_pos = self.pointer_pos  # (L,)
+        following = torch.roll(key_pos, -1)  # position held by the next slot
+        offered = torch.roll(self.pointer_ids, -1, dims=1)  # (B, L)
+        known = (key_pos >= 0) & (following == key_pos + 1)  # (L,)
+        t = query_pos[:, None]  # (Q, 1)
+        visible = known[None, :] & (key_pos[None, :] < t) & (key_pos[None, :] > t - self.size)  # (Q, L)
+        return self.pointer_h, offered, visible
 
     def advance(self, T: int) -> None:
         self.pos += T
@@ -149,12 +194,41 @@ class Attention(nn.Module):
         # heads can "park" attention there instead of on the first token.
         self.sinks = nn.Parameter(torch.zeros(self.n_heads)) if cfg.use_attention_sinks else None
         self.dropout = cfg.dropout  # on attention probabilities and the block's output, in training
+        self.block = cfg.attention_block if 0 < cfg.attention_block < cfg.max_seq_len else 0
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.project_qkv(x)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.block and cache is None and T > self.block:
+            y = self._attend_in_blocks(q, k, v)
+        else:
+            y = self._attend(q, k, v, cache)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, C)
+        return dropout(self.wo(y), self.dropout, self.training)
+
+    def _attend_in_blocks(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal attention within each block of `self.block` positions; q (B, H, T, D), k, v
+        (B, K, T, D) -> (B, H, T, D). The blocks become batch entries (T padded up to a whole
+        block at the end, which no earlier position sees), so each costs what a short context does."""
+        B, _, T, D = q.shape
+        N = self.block
+        pad = (-T) % N
+        if pad:
+            q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+        n = (T + pad) // N
+
+        def as_blocks(t: torch.Tensor) -> torch.Tensor:  # (B, X, n·N, D) -> (B·n, X, N, D)
+            return t.view(B, t.size(1), n, N, D).transpose(1, 2).reshape(B * n, t.size(1), N, D)
+
+        y = self._attend(as_blocks(q), as_blocks(k), as_blocks(v), None)  # (B·n, H, N, D)
+        return y.reshape(B, n, -1, N, D).transpose(1, 2).reshape(B, -1, n * N, D)[:, :, :T]
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        """q (B, H, T, D), k, v (B, K, T, D) after RoPE -> (B, H, T, D): causal, or with a cache
+        over the cached keys too."""
+        T = q.size(2)
         mask = None
         if cache is not None:  # generation: also attend to earlier tokens' keys and values
             k, v, mask = cache.update(self.layer, k, v)  # (B, K, S, D), mask (T, S) or None
@@ -168,8 +242,7 @@ class Attention(nn.Module):
             if cache is None:
                 mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
             y = self._attend_with_sinks(q, k, v, mask)
-        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, C)
-        return dropout(self.wo(y), self.dropout, self.training)
+        return y
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, T, C) -> q (B, H, T, D), k and v (B, K, T, D), before RoPE."""
@@ -257,6 +330,7 @@ class Transformer(nn.Module):
         self.tok_emb = nn.Embedding(padded_vocab_size(cfg.vocab_size, cfg.pad_vocab_multiple), cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.pointer = CopyPointer(cfg.d_model) if cfg.copy_pointer else None
         # The output projection reuses the embedding matrix (tied weights, Press & Wolf, 2017).
         cos, sin = rope_tables(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -267,8 +341,8 @@ class Transformer(nn.Module):
     def reset_parameters(self) -> None:
         std = self.cfg.init_std
         for name, p in self.named_parameters():
-            if p.dim() < 2:
-                continue  # norm gains stay 1, sinks stay 0
+            if p.dim() < 2 or name.startswith("pointer.sentinel"):
+                continue  # norm gains stay 1, sinks stay 0, the pointer's sentinel keeps its start
             # Residual-branch outputs are scaled down with depth (GPT-2) so the stream's
             # variance does not grow with the number of blocks.
             scale = 1.0 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("wo.weight", "w2.weight")) else 1.0
@@ -300,6 +374,8 @@ class Transformer(nn.Module):
                 x = checkpoint(block, x, cos, sin, use_reentrant=False)
             else:
                 x = block(x, cos, sin, cache)
+        if self.pointer is not None:
+            return self._forward_with_pointer(idx, self.norm(x), targets, reduction, cache, last_only)
         if cache is not None:
             cache.advance(T)
         x = self.norm(x[:, -1:] if last_only else x)
@@ -309,6 +385,35 @@ class Transformer(nn.Module):
         # The matmul runs on the padded shape; the padding columns are dropped before the
         # softmax so ids that do not exist get no probability.
         return F.linear(x, self.tok_emb.weight)[..., : self.vocab_size]  # (B, T, vocab)
+
+    def _forward_with_pointer(self, idx: torch.Tensor, h: torch.Tensor, targets: torch.Tensor | None,
+                              reduction: str, cache: KVCache | None, last_only: bool) -> torch.Tensor:
+        """`forward`'s output for a model with a copy pointer, from the final hidden states h
+        (B, T, C): the mixture's loss, or its log-probabilities (B, T or 1, vocab) as logits."""
+        B, T = idx.shape
+        if targets is not None:
+            vocab_log_probs = -linear_cross_entropy(h.flatten(0, 1), self.tok_emb.weight, targets.flatten(),
+                                                    self.vocab_size, "none").view(B, T)
+            losses = -self.pointer.target_log_probs(h, idx, targets, vocab_log_probs)  # (B, T)
+            scored = targets != IGNORE_INDEX
+            losses = losses.masked_fill(~scored, 0.0)
+            if reduction == "none":
+                return losses.flatten()
+            if reduction == "sum":
+                return losses.sum()
+            return losses.sum() / scored.sum()
+        queries = h[:, -1:] if last_only else h
+        logits = F.linear(queries, self.tok_emb.weight)[..., : self.vocab_size]  # (B, Q, vocab)
+        if cache is not None:
+            start = cache.pos + T - queries.size(1)
+            query_pos = torch.arange(start, cache.pos + T, device=idx.device)  # (Q,)
+            keys, offered, visible = cache.pointer_update(h, idx, query_pos)
+            cache.advance(T)
+        else:
+            keys = h
+            offered = torch.cat([idx[:, 1:], torch.full_like(idx[:, :1], -1)], dim=1)  # key j offers x_{j+1}
+            visible = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril(-1)[T - queries.size(1):]
+        return self.pointer.mix(queries, keys, offered, visible, logits)
 
     def _rope(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE tables for positions start..end-1: the precomputed ones, or fresh past max_seq_len."""

@@ -183,3 +183,40 @@ def test_cpu_dropout_drops_at_the_rate_keeps_the_expectation_and_masks_gradients
     assert dropout(x, 0.1, training=False) is x and dropout(x, 0.0, training=True) is x
     a, b = dropout(torch.ones(1000), 0.5, True), dropout(torch.ones(1000), 0.5, True)
     assert not torch.equal(a, b)  # a fresh mask per call
+
+
+@pytest.mark.parametrize("sinks", [False, True])
+def test_block_attention_reads_only_its_own_block_in_training_and_in_cached_generation(sinks):
+    """model.attention_block = 4 with a 16-token context: position t attends to the positions of
+    its block (t // 4) up to t, whether the window runs at once or token by token from a cache,
+    and once the cache slides, as a window starting at the block would."""
+    from llmctl.model import KVCache
+
+    torch.manual_seed(0)
+    model = Transformer(tiny_cfg(attention_block=4, use_attention_sinks=sinks)).eval()
+    if sinks:
+        with torch.no_grad():
+            for block in model.blocks:
+                block.attn.sinks.normal_()
+    seq = torch.randint(0, 100, (1, 40))
+    changed = seq.clone()
+    changed[0, 5] = (changed[0, 5] + 1) % 100  # a token in the second block
+    with torch.no_grad():
+        a, b = model(seq[:, :14]), model(changed[:, :14])
+        assert torch.equal(a[0, :5], b[0, :5]) and torch.equal(a[0, 8:], b[0, 8:])  # other blocks never see it
+        assert not torch.allclose(a[0, 5:8], b[0, 5:8])  # its own block does
+        cache = KVCache(model.cfg)
+        steps = [model(seq[:, :3], cache=cache, last_only=True)[:, -1]]
+        steps += [model(seq[:, t: t + 1], cache=cache, last_only=True)[:, -1] for t in range(3, 40)]
+        for i, logits in enumerate(steps[:14]):  # while the ring fills: the full forward's last position
+            assert torch.allclose(logits, model(seq[:, : 3 + i])[:, -1], atol=1e-5)
+        # t = 38 (past the 16-slot ring) sees positions 36..38 only
+        assert torch.allclose(steps[38 - 2], model(seq[:, 36:39])[:, -1], atol=1e-5)
+
+
+def test_block_attention_that_does_not_divide_the_context_is_refused():
+    from llmctl.config import load_config
+    from llmctl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.attention_block must be 0"):
+        load_config(None, ["model.max_seq_len=16", "model.attention_block=5"])
