@@ -105,9 +105,9 @@ class KVCache:
         # (absolute positions // block); slot_pos holds each slot's position (-1 = empty).
         self.block = cfg.attention_block if 0 < cfg.attention_block < cfg.max_seq_len else 0
         self.slot_pos: torch.Tensor | None = None  # (L,)
-        # A copy pointer's keys: each slot's pointer key, input id and absolute position
+        # A copy pointer's keys: each slot's final hidden state, input id and absolute position
         # (-1 = empty), in the same ring of L slots as the keys and values.
-        self.pointer_keys: torch.Tensor | None = None  # (B, L, D)
+        self.pointer_h: torch.Tensor | None = None  # (B, L, C)
         self.pointer_ids: torch.Tensor | None = None  # (B, L)
         self.pointer_pos: torch.Tensor | None = None  # (L,)
 
@@ -149,32 +149,31 @@ class KVCache:
         values[:, :, slot] = v[:, :, 0]
         return keys, values, self._mask  # None unless attention is block-local
 
-    def pointer_update(self, keys: torch.Tensor, idx: torch.Tensor, query_pos: torch.Tensor
+    def pointer_update(self, h: torch.Tensor, idx: torch.Tensor, query_pos: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Store this step's pointer keys (B, T, D) and inputs idx (B, T) (call before
-        `advance`); return all stored keys (B, L, D), the token each offers (B, L) and which
+        """Store this step's final hidden states h (B, T, C) and inputs idx (B, T) (call before
+        `advance`); return the pointer's keys (B, L, C), the token each offers (B, L) and which
         ones each query at absolute positions `query_pos` (Q,) may point at (Q, L).
 
         Key j offers x_{j+1}: the input one slot later, if that slot holds position j + 1. A
         query at t sees keys t - L < j < t, as a training window of L tokens would."""
-        device = keys.device
-        if self.pointer_keys is None:
-            B, _, D = keys.shape
-            self.pointer_keys = torch.zeros(B, self.size, D, dtype=keys.dtype, device=device)
-            self.pointer_ids = torch.zeros(B, self.size, dtype=torch.long, device=device)
-            self.pointer_pos = torch.full((self.size,), -1, dtype=torch.long, device=device)
+        if self.pointer_h is None:
+            B, _, C = h.shape
+            self.pointer_h = torch.zeros(B, self.size, C, dtype=h.dtype, device=h.device)
+            self.pointer_ids = torch.zeros(B, self.size, dtype=torch.long, device=h.device)
+            self.pointer_pos = torch.full((self.size,), -1, dtype=torch.long, device=h.device)
         T = idx.size(1)
-        slots = torch.arange(self.pos, self.pos + T, device=device) % self.size  # distinct: T <= room()
-        self.pointer_keys[:, slots] = keys.to(self.pointer_keys.dtype)
+        slots = torch.arange(self.pos, self.pos + T, device=h.device) % self.size  # distinct: T <= room()
+        self.pointer_h[:, slots] = h.to(self.pointer_h.dtype)
         self.pointer_ids[:, slots] = idx
-        self.pointer_pos[slots] = torch.arange(self.pos, self.pos + T, device=device)
+        self.pointer_pos[slots] = torch.arange(self.pos, self.pos + T, device=h.device)
         key_pos = self.pointer_pos  # (L,)
         following = torch.roll(key_pos, -1)  # position held by the next slot
         offered = torch.roll(self.pointer_ids, -1, dims=1)  # (B, L)
         known = (key_pos >= 0) & (following == key_pos + 1)  # (L,)
         t = query_pos[:, None]  # (Q, 1)
         visible = known[None, :] & (key_pos[None, :] < t) & (key_pos[None, :] > t - self.size)  # (Q, L)
-        return self.pointer_keys, offered, visible
+        return self.pointer_h, offered, visible
 
     def advance(self, T: int) -> None:
         self.pos += T
@@ -342,8 +341,8 @@ class Transformer(nn.Module):
     def reset_parameters(self) -> None:
         std = self.cfg.init_std
         for name, p in self.named_parameters():
-            if p.dim() < 2 or name.startswith(("pointer.sentinel", "pointer.token")):
-                continue  # norm gains stay 1, sinks stay 0, the pointer keeps its own start
+            if p.dim() < 2 or name.startswith("pointer.sentinel"):
+                continue  # norm gains stay 1, sinks stay 0, the pointer's sentinel keeps its start
             # Residual-branch outputs are scaled down with depth (GPT-2) so the stream's
             # variance does not grow with the number of blocks.
             scale = 1.0 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("wo.weight", "w2.weight")) else 1.0
@@ -369,15 +368,14 @@ class Transformer(nn.Module):
         else:
             cache.begin(T, idx.device)
             cos, sin = self._rope(cache.pos, cache.pos + T)
-        emb = self.tok_emb(idx)  # (B, T, C)
-        x = dropout(emb, self.cfg.dropout, self.training)
+        x = dropout(self.tok_emb(idx), self.cfg.dropout, self.training)  # (B, T, C)
         for block in self.blocks:
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(block, x, cos, sin, use_reentrant=False)
             else:
                 x = block(x, cos, sin, cache)
         if self.pointer is not None:
-            return self._forward_with_pointer(idx, emb, self.norm(x), targets, reduction, cache, last_only)
+            return self._forward_with_pointer(idx, self.norm(x), targets, reduction, cache, last_only)
         if cache is not None:
             cache.advance(T)
         x = self.norm(x[:, -1:] if last_only else x)
@@ -388,17 +386,15 @@ class Transformer(nn.Module):
         # softmax so ids that do not exist get no probability.
         return F.linear(x, self.tok_emb.weight)[..., : self.vocab_size]  # (B, T, vocab)
 
-    def _forward_with_pointer(self, idx: torch.Tensor, emb: torch.Tensor, h: torch.Tensor,
-                              targets: torch.Tensor | None, reduction: str, cache: KVCache | None,
-                              last_only: bool) -> torch.Tensor:
-        """`forward`'s output for a model with a copy pointer, from the input embeddings emb and
-        final hidden states h (B, T, C): the mixture's loss, or its log-probabilities (B, T or 1,
-        vocab) as logits."""
+    def _forward_with_pointer(self, idx: torch.Tensor, h: torch.Tensor, targets: torch.Tensor | None,
+                              reduction: str, cache: KVCache | None, last_only: bool) -> torch.Tensor:
+        """`forward`'s output for a model with a copy pointer, from the final hidden states h
+        (B, T, C): the mixture's loss, or its log-probabilities (B, T or 1, vocab) as logits."""
         B, T = idx.shape
         if targets is not None:
             vocab_log_probs = -linear_cross_entropy(h.flatten(0, 1), self.tok_emb.weight, targets.flatten(),
                                                     self.vocab_size, "none").view(B, T)
-            losses = -self.pointer.target_log_probs(h, emb, idx, targets, vocab_log_probs)  # (B, T)
+            losses = -self.pointer.target_log_probs(h, idx, targets, vocab_log_probs)  # (B, T)
             scored = targets != IGNORE_INDEX
             losses = losses.masked_fill(~scored, 0.0)
             if reduction == "none":
@@ -406,19 +402,18 @@ class Transformer(nn.Module):
             if reduction == "sum":
                 return losses.sum()
             return losses.sum() / scored.sum()
-        Q = 1 if last_only else T
-        h_query = h[:, T - Q:]  # (B, Q, C)
-        queries = self.pointer.queries(h_query, emb[:, T - Q:])  # (B, Q, D)
-        keys = self.pointer.keys(h, emb)  # (B, T, D)
-        logits = F.linear(h_query, self.tok_emb.weight)[..., : self.vocab_size]  # (B, Q, vocab)
+        queries = h[:, -1:] if last_only else h
+        logits = F.linear(queries, self.tok_emb.weight)[..., : self.vocab_size]  # (B, Q, vocab)
         if cache is not None:
-            query_pos = torch.arange(cache.pos + T - Q, cache.pos + T, device=idx.device)  # (Q,)
-            keys, offered, visible = cache.pointer_update(keys, idx, query_pos)
+            start = cache.pos + T - queries.size(1)
+            query_pos = torch.arange(start, cache.pos + T, device=idx.device)  # (Q,)
+            keys, offered, visible = cache.pointer_update(h, idx, query_pos)
             cache.advance(T)
         else:
+            keys = h
             offered = torch.cat([idx[:, 1:], torch.full_like(idx[:, :1], -1)], dim=1)  # key j offers x_{j+1}
-            visible = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril(-1)[T - Q:]
-        return self.pointer.mix(h_query, queries, keys, offered, visible, logits)
+            visible = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril(-1)[T - queries.size(1):]
+        return self.pointer.mix(queries, keys, offered, visible, logits)
 
     def _rope(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE tables for positions start..end-1: the precomputed ones, or fresh past max_seq_len."""

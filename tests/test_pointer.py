@@ -55,7 +55,6 @@ def test_pointing_only_copies_the_tokens_that_followed_earlier_positions():
     model = pointer_model()
     with torch.no_grad():
         model.pointer.query.weight.zero_()
-        model.pointer.token.weight.zero_()
         model.pointer.sentinel.bias.fill_(-1e4)
     idx = torch.tensor([[7, 3, 9, 3, 5, 3]])
     with torch.no_grad():
@@ -87,7 +86,7 @@ def test_cached_generation_gives_the_uncached_distribution_and_slides_past_the_c
             assert torch.allclose(torch.log_softmax(logits, -1), torch.log_softmax(full, -1), atol=1e-4)
     # Once the ring slides, a query at t points at keys t - L < j < t, each offering x_{j+1}.
     t = seq.size(1) - 1
-    h = torch.zeros(1, 1, 64)
+    h = torch.zeros(1, 1, model.cfg.d_model)
     cache.pos -= 1  # look at the last step again: rewrite the same slot
     keys, offered, visible = cache.pointer_update(h, seq[:, t:], torch.tensor([t]))
     positions = cache.pointer_pos[visible[0]]
