@@ -59,8 +59,10 @@ def main() -> None:
             print(f"  {name:15s} {mask.mean():6.1%} of tokens  {losses[mask].sum() / total:6.1%} of the loss  "
                   f"mean {losses[mask].mean():.2f} nats")
     position = np.arange(len(losses)) % loaded.context_length
-    print("  mean loss by position in the window: 0-7 {:.2f}, 8-31 {:.2f}, 32+ {:.2f}".format(
-        losses[position < 8].mean(), losses[(position >= 8) & (position < 32)].mean(), losses[position >= 32].mean()))
+    edges = [e for e in (0, 8, 32, 128, 512, 2048, 8192) if e < loaded.context_length] + [loaded.context_length]
+    buckets = [f"{lo}-{hi - 1} {losses[(position >= lo) & (position < hi)].mean():.2f}"
+               for lo, hi in zip(edges, edges[1:])]
+    print("  mean loss by position in the window: " + ", ".join(buckets))
     never, rare = groups["never seen"], groups[f"seen 1-{RARE - 1}x"]
     if never.any() and rare.any():
         capped = np.where(never, losses[rare].mean(), losses)
