@@ -10,6 +10,11 @@ References: RoPE (Su et al., 2021), RMSNorm (Zhang & Sennrich, 2019), SwiGLU (Sh
 GQA (Ainslie et al., 2023), attention sinks as a learned softmax logit (Xiao et al., 2023;
 as in gpt-oss).
 
+Two options leave Llama's shape (and so transformers' export): `model.copy_pointer` mixes a
+pointer over the window into the output (`llmctl/pointer.py`), and `model.attention_block`
+makes attention read only its own block of positions, so the pointer's window can be long
+while attention costs what a short context does.
+
 Generation passes a `KVCache` to `forward`: the prompt is run once (prefill), then each new
 token attends to the cached keys and values of all earlier ones. Training never passes one,
 so its path is the plain causal forward below.
