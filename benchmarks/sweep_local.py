@@ -236,6 +236,9 @@ VARIANTS["gpt2-ptr2-ctx2048-b256"] = ("cpu-10m", dict(VARIANTS["gpt2-ptr-ctx2048
 VARIANTS["gpt2-ptr-ctx1024-b128"] = ("cpu-10m", {**VARIANTS["gpt2-ptr-ctx1024-b256"][1], "model.attention_block": "128"})
 # b128: 511 steps, 1.984, no better than blocks of 256 (1.982). The new preset with another seed:
 VARIANTS["cpu-10m-ptr-seed2"] = ("cpu-10m", {"data.tokenizer": f'"{GPT2}"', "run.seed": "2"})
+# cpu-10m-ptr-seed2: 500 steps, 1.982. The pointer changes what regularisation and LR suit:
+VARIANTS["cpu-10m-ptr-drop0.1"] = ("cpu-10m", {"data.tokenizer": f'"{GPT2}"', "model.dropout": "0.1"})
+VARIANTS["cpu-10m-ptr-lr1e-3"] = ("cpu-10m", {"data.tokenizer": f'"{GPT2}"', "pretrain.lr": "1e-3"})
 
 
 def split(workdir: Path) -> tuple[Path, Path]:
