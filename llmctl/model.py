@@ -106,15 +106,13 @@ class KVCache:
         self.values: list[torch.Tensor | None] = [None] * cfg.n_layers  # in the dtype autocast gives
         self.pos = 0  # tokens seen so far = absolute position of the next token
         self._mask: torch.Tensor | None = None  # (T, S) for the step in progress; None = attend to all
-        # With block-local attention, a token attends only to its own block of `block` positions
-        # (absolute positions // block); slot_pos holds each slot's position (-1 = empty).
+        # Each slot's absolute position (-1 = empty), set by `begin`. With block-local attention
+        # a token attends only to its own block of `block` positions (absolute position // block).
         self.block = cfg.attention_block if 0 < cfg.attention_block < cfg.max_seq_len else 0
         self.slot_pos: torch.Tensor | None = None  # (L,)
-        # A copy pointer's keys: each slot's final hidden state, input id and absolute position
-        # (-1 = empty), in the same ring of L slots as the keys and values.
+        # A copy pointer's keys: each slot's final hidden state and input id, in the same ring.
         self.pointer_h: torch.Tensor | None = None  # (B, L, C)
         self.pointer_ids: torch.Tensor | None = None  # (B, L)
-        self.pointer_pos: torch.Tensor | None = None  # (L,)
 
     def room(self) -> int:
         return self.size - self.pos if self.pos < self.size else 1
@@ -124,14 +122,14 @@ class KVCache:
         if T < 1 or T > self.room():
             raise ValueError(f"a cached step takes 1..{self.room()} tokens now, got {T}")
         S = self.pos + T
-        if not self.block:
-            self._mask = None if T == 1 else (
-                torch.arange(S, device=device)[None, :] <= torch.arange(self.pos, S, device=device)[:, None])
-            return
         if self.slot_pos is None:
             self.slot_pos = torch.full((self.size,), -1, dtype=torch.long, device=device)
         query_pos = torch.arange(self.pos, S, device=device)  # (T,)
         self.slot_pos[query_pos % self.size] = query_pos
+        if not self.block:
+            self._mask = None if T == 1 else (
+                torch.arange(S, device=device)[None, :] <= torch.arange(self.pos, S, device=device)[:, None])
+            return
         key_pos = self.slot_pos[:S] if S <= self.size else self.slot_pos  # the keys `update` will return
         self._mask = ((key_pos[None, :] >= 0) & (key_pos[None, :] <= query_pos[:, None])
                       & (key_pos[None, :] // self.block == query_pos[:, None] // self.block))  # (T, S)
@@ -156,8 +154,8 @@ class KVCache:
 
     def pointer_update(self, h: torch.Tensor, idx: torch.Tensor, query_pos: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Store this step's final hidden states h (B, T, C) and inputs idx (B, T) (call before
-        `advance`); return the pointer's keys (B, L, C), the token each offers (B, L) and which
+        """Store this step's final hidden states h (B, T, C) and inputs idx (B, T) (after
+        `begin`, before `advance`); return the pointer's keys (B, L, C), the token each offers (B, L) and which
         ones each query at absolute positions `query_pos` (Q,) may point at (Q, L).
 
         Key j offers x_{j+1}: the input one slot later, if that slot holds position j + 1. A
@@ -166,13 +164,11 @@ class KVCache:
             B, _, C = h.shape
             self.pointer_h = torch.zeros(B, self.size, C, dtype=h.dtype, device=h.device)
             self.pointer_ids = torch.zeros(B, self.size, dtype=torch.long, device=h.device)
-            self.pointer_pos = torch.full((self.size,), -1, dtype=torch.long, device=h.device)
         T = idx.size(1)
         slots = torch.arange(self.pos, self.pos + T, device=h.device) % self.size  # distinct: T <= room()
         self.pointer_h[:, slots] = h.to(self.pointer_h.dtype)
         self.pointer_ids[:, slots] = idx
-        self.pointer_pos[slots] = torch.arange(self.pos, self.pos + T, device=h.device)
-        key_pos = self.pointer_pos  # (L,)
+        key_pos = self.slot_pos  # (L,), this step's positions included by `begin`
         following = torch.roll(key_pos, -1)  # position held by the next slot
         offered = torch.roll(self.pointer_ids, -1, dims=1)  # (B, L)
         known = (key_pos >= 0) & (following == key_pos + 1)  # (L,)
