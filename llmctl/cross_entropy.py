@@ -80,8 +80,14 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
         x = x.to(torch.get_autocast_dtype(device_type))
     with torch.autocast(device_type, enabled=False):
         losses = _LinearCrossEntropy.apply(x, weight, targets, vocab)  # (N,) fp32
+    return reduce_losses(losses, targets, reduction)
+
+
+def reduce_losses(losses: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Per-token losses (0 where the target is IGNORE_INDEX) -> "none" (flat), "sum", or "mean"
+    over the scored tokens."""
     if reduction == "none":
-        return losses
+        return losses.flatten()
     if reduction == "sum":
         return losses.sum()
     if reduction == "mean":

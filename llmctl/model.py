@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from llmctl.config import ModelConfig
-from llmctl.cross_entropy import IGNORE_INDEX, linear_cross_entropy
+from llmctl.cross_entropy import IGNORE_INDEX, linear_cross_entropy, reduce_losses
 from llmctl.dropout import dropout
-from llmctl.pointer import CopyPointer
+from llmctl.pointer import CopyPointer, earlier_positions, offered_tokens
 
 
 def padded_vocab_size(vocab_size: int, multiple: int) -> int:
@@ -396,13 +396,7 @@ class Transformer(nn.Module):
             vocab_log_probs = -linear_cross_entropy(h.flatten(0, 1), self.tok_emb.weight, targets.flatten(),
                                                     self.vocab_size, "none").view(B, T)
             losses = -self.pointer.target_log_probs(h, idx, targets, vocab_log_probs)  # (B, T)
-            scored = targets != IGNORE_INDEX
-            losses = losses.masked_fill(~scored, 0.0)
-            if reduction == "none":
-                return losses.flatten()
-            if reduction == "sum":
-                return losses.sum()
-            return losses.sum() / scored.sum()
+            return reduce_losses(losses.masked_fill(targets == IGNORE_INDEX, 0.0), targets, reduction)
         queries = h[:, -1:] if last_only else h
         logits = F.linear(queries, self.tok_emb.weight)[..., : self.vocab_size]  # (B, Q, vocab)
         if cache is not None:
@@ -411,9 +405,8 @@ class Transformer(nn.Module):
             keys, offered, visible = cache.pointer_update(h, idx, query_pos)
             cache.advance(T)
         else:
-            keys = h
-            offered = torch.cat([idx[:, 1:], torch.full_like(idx[:, :1], -1)], dim=1)  # key j offers x_{j+1}
-            visible = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril(-1)[T - queries.size(1):]
+            keys, offered = h, offered_tokens(idx)
+            visible = earlier_positions(T, idx.device)[T - queries.size(1):]  # (Q, T)
         return self.pointer.mix(queries, keys, offered, visible, logits)
 
     def _rope(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -34,6 +34,17 @@ POINTER_DIM = 64  # width of the pointer's queries and keys
 NEVER = -1e30
 
 
+def offered_tokens(idx: torch.Tensor) -> torch.Tensor:
+    """(B, T): the token key j offers, x_{j+1} (the input at j + 1); -1 for the last position,
+    whose next token is not known yet."""
+    return torch.cat([idx[:, 1:], torch.full_like(idx[:, :1], -1)], dim=1)
+
+
+def earlier_positions(T: int, device: torch.device) -> torch.Tensor:
+    """(T, T) bool: query t may point at key j when j < t."""
+    return torch.ones(T, T, dtype=torch.bool, device=device).tril(-1)
+
+
 class CopyPointer(nn.Module):
     def __init__(self, d_model: int):
         super().__init__()
@@ -61,12 +72,8 @@ class CopyPointer(nn.Module):
                          vocab_log_probs: torch.Tensor) -> torch.Tensor:
         """log p(target) under the mixture, (B, T) fp32. h (B, T, C) final hidden states, idx
         (B, T) inputs, targets (B, T), vocab_log_probs (B, T): the vocabulary's log p(target)."""
-        T = idx.size(1)
-        # Key j offers token x_{j+1}, the input at j + 1 (j <= T - 2; for j = T - 1 it is not known yet).
-        offered = torch.cat([idx[:, 1:], torch.full_like(idx[:, :1], -1)], dim=1)  # (B, T)
-        earlier = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril(-1)  # j < t
-        point, sentinel = self.scores(h, h, earlier)
-        hits = offered[:, None, :] == targets[:, :, None]  # (B, T, T): key j offers target t
+        point, sentinel = self.scores(h, h, earlier_positions(idx.size(1), idx.device))
+        hits = offered_tokens(idx)[:, None, :] == targets[:, :, None]  # (B, T, T): key j offers target t
         copied = torch.logsumexp(point.masked_fill(~hits, NEVER), dim=-1)  # (B, T)
         return torch.logaddexp(sentinel + vocab_log_probs, copied)
 
