@@ -107,7 +107,7 @@ def resolve_micro_batch(setting: int | str, batch_size: int, world_size: int, mo
         model.train(was_training)
     if best is None:
         raise LlmctlError(f"{section}.micro_batch_size=\"auto\": not even one sequence of {seq_len} tokens fits "
-                          f"on {torch.cuda.get_device_name(device)} with AdamW's state; lower model.max_seq_len, "
+                          f"on {torch.cuda.get_device_name(device)} with AdamW's state; lower {section}.seq_len, "
                           f"set model.gradient_checkpointing=true, or use a smaller model")
     return best
 
@@ -120,7 +120,7 @@ def with_micro_batch(cfg: Config, stage: str, model: torch.nn.Module, device: to
     if train.micro_batch_size != AUTO:
         return cfg
     saved = (resumed_config or {}).get(stage, {}).get("micro_batch_size")
-    micro = resolve_micro_batch(AUTO, train.batch_size, dist.world_size, model, cfg.model.max_seq_len, device,
+    micro = resolve_micro_batch(AUTO, train.batch_size, dist.world_size, model, cfg.train_seq_len(stage), device,
                                 dtype, stage, resumed_with=saved if isinstance(saved, int) else None)
     if dist.enabled:  # every rank must accumulate the same number of micro-batches: the smallest wins
         found = torch.tensor([micro], device=device if device.type == "cuda" else "cpu")

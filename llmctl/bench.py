@@ -50,12 +50,13 @@ GPU_PEAK_TFLOPS: dict[str, tuple[float, float, float]] = {
 }
 
 
-def flops_per_token(model: Transformer) -> float:
+def flops_per_token(model: Transformer, seq_len: int = 0) -> float:
     """PaLM's count: 6 per parameter plus attention's scores and mixing over the span each
-    token's attention reads (a block with model.attention_block). The copy pointer's one
+    token's attention reads (a block with model.attention_block, else the training sequence
+    of seq_len tokens, default the model's window). The copy pointer's one
     64-wide head over the window is left out: under 1% of a 6 x 384 model's count."""
     cfg = model.cfg
-    span = cfg.attention_block or cfg.max_seq_len
+    span = cfg.attention_block or seq_len or cfg.max_seq_len
     return 6.0 * model.num_parameters() + 12.0 * cfg.n_layers * cfg.d_model * span
 
 
@@ -139,7 +140,7 @@ def reference_step(model: Transformer, cfg: Config, device: torch.device, dtype:
     others = [p for p in reference.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": t.weight_decay},
                                    {"params": others, "weight_decay": 0.0}], lr=t.lr, betas=tuple(t.betas))
-    batches = SyntheticBatches(cfg.model.vocab_size, t.micro_batch_size, cfg.model.max_seq_len, cfg.run.seed)
+    batches = SyntheticBatches(cfg.model.vocab_size, t.micro_batch_size, cfg.train_seq_len(), cfg.run.seed)
     accumulation = t.batch_size // t.micro_batch_size
 
     def step() -> torch.Tensor:
@@ -190,10 +191,10 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 3, reference: bool = F
     seed_everything(cfg.run.seed)
     model = Transformer(cfg.model).to(device)
     cfg = with_micro_batch(cfg, "pretrain", model, device, dtype, DistInfo(), None)
-    batches = SyntheticBatches(cfg.model.vocab_size, cfg.pretrain.micro_batch_size, cfg.model.max_seq_len,
-                               cfg.run.seed)
+    seq_len = cfg.train_seq_len()
+    batches = SyntheticBatches(cfg.model.vocab_size, cfg.pretrain.micro_batch_size, seq_len, cfg.run.seed)
     trainer = Trainer(model, cfg.pretrain, batches=batches, evaluate=None, device=device, dtype=dtype,
-                      seq_len=cfg.model.max_seq_len, compile=resolve_compile(cfg.run.compile, device))
+                      seq_len=seq_len, compile=resolve_compile(cfg.run.compile, device))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -201,7 +202,7 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 3, reference: bool = F
         return trainer.train_step()[0]
     for _ in range(warmup):
         ours()
-    tokens = steps * cfg.pretrain.batch_size * cfg.model.max_seq_len
+    tokens = steps * cfg.pretrain.batch_size * seq_len
     ours_rates = [tokens / _timed(ours, steps, device)]
     peak_memory = peak_memory_mb(device)  # before a reference model shares the process
     theirs_rates: list[float] = []
@@ -218,7 +219,7 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 3, reference: bool = F
             ours_rates.append(tokens / _timed(ours, steps, device))
     tokens_per_sec = statistics.median(ours_rates)
     seconds = statistics.mean(tokens / rate for rate in ours_rates)  # per round of `steps` steps
-    achieved = tokens_per_sec * flops_per_token(model)
+    achieved = tokens_per_sec * flops_per_token(model, seq_len)
     peak, peak_source = device_peak(device, dtype)
     comparison = {}
     if reference:
@@ -229,10 +230,10 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 3, reference: bool = F
     return {
         "device": _device_name(device), "dtype": str(dtype).removeprefix("torch."),
         "compiled": trainer.forward_model is not model,
-        "params": model.num_parameters(), "tokens_per_step": cfg.pretrain.batch_size * cfg.model.max_seq_len,
+        "params": model.num_parameters(), "tokens_per_step": cfg.pretrain.batch_size * seq_len,
         "micro_batch_size": cfg.pretrain.micro_batch_size, "accumulation": trainer.accumulation,
         "steps": steps, "seconds": seconds, "tokens_per_sec": tokens_per_sec,
-        "flops_per_token": flops_per_token(model), "achieved_tflops": achieved / 1e12,
+        "flops_per_token": flops_per_token(model, seq_len), "achieved_tflops": achieved / 1e12,
         "peak_tflops": peak / 1e12 if peak else None, "peak_source": peak_source,
         "mfu": achieved / peak if peak else None, "peak_memory_mb": peak_memory, **comparison,
     }

@@ -65,6 +65,11 @@ class ModelConfig:
     use_attention_sinks: bool = False  # learned per-head sink logit (explicit attention path)
     copy_pointer: bool = False  # also predict by pointing at earlier tokens of the context (llmctl/pointer.py)
     attention_block: int = 0  # attention reads only its own block of N positions; 0 = the whole context
+    # Counted n-grams mixed into the predictions at inference (llmctl/ngram.py): the training
+    # text's, of this order (0 = off), with this weight, and the window's own (0 = off).
+    ngram_order: int = 0
+    ngram_weight: float = 0.0
+    cache_weight: float = 0.0
     dropout: float = 0.0  # embedding, attention and residual dropout in training; 0.1-0.2 for small data
     gradient_checkpointing: bool = False  # recompute each block in backward to save memory
 
@@ -74,6 +79,10 @@ class TrainConfig:
     lr: float = 3e-4  # peak learning rate
     batch_size: int = 64  # sequences per optimizer step
     micro_batch_size: int | str = 8  # sequences per forward pass; accumulation = batch / micro; "auto" = largest that fits
+    # Tokens per training sequence; 0 = model.max_seq_len. Shorter than the model's window, it
+    # gives more steps, while the parts that read the whole window at inference (copy pointer,
+    # n-gram cache, block-local attention) read further than they trained on.
+    seq_len: int = 0
     warmup_steps: int = 500  # linear warmup from 0
     max_steps: int = 5000
     weight_decay: float = 0.1  # applied to matrices only
@@ -132,6 +141,10 @@ class Config:
         """batch_size / micro_batch_size, or "auto" while the micro-batch is still to be found."""
         micro = self.pretrain.micro_batch_size
         return AUTO if micro == AUTO else self.pretrain.batch_size // micro
+
+    def train_seq_len(self, stage: str = "pretrain") -> int:
+        """Tokens per training sequence of a stage: its seq_len, else the model's window."""
+        return getattr(self, stage).seq_len or self.model.max_seq_len
 
     def eval_batch_size(self, stage: str = "pretrain") -> int:
         """Sequences per evaluation forward: eval.batch_size, else the stage's micro-batch
@@ -366,11 +379,24 @@ def validate(cfg: Config) -> None:
            f"model.attention_block must be 0 (attend to the whole context) or divide model.max_seq_len "
            f"({m.max_seq_len}), got {m.attention_block}")
     _check(0 <= m.dropout < 1, f"model.dropout must be in [0, 1), got {m.dropout}")
+    _check(0 <= m.ngram_order <= 4, f"model.ngram_order must be 0 (off) or 1..4, got {m.ngram_order}")
+    _check(0 <= m.ngram_weight < 1 and 0 <= m.cache_weight < 1 and m.ngram_weight + m.cache_weight < 1,
+           f"model.ngram_weight ({m.ngram_weight}) and model.cache_weight ({m.cache_weight}) must be in [0, 1) "
+           f"with a sum below 1: the network keeps the rest of the probability")
+    _check(bool(m.ngram_order) == bool(m.ngram_weight),
+           f"model.ngram_order ({m.ngram_order}) and model.ngram_weight ({m.ngram_weight}) go together: "
+           f"set both (e.g. 3 and 0.25) or neither")
     _check(m.rope_theta > 0, f"model.rope_theta must be > 0, got {m.rope_theta}")
     _check(m.norm_eps > 0, f"model.norm_eps must be > 0, got {m.norm_eps}")
     _check(m.init_std > 0, f"model.init_std must be > 0, got {m.init_std}")
     validate_training(t, "pretrain")
     validate_sft(cfg.sft)
+    for section in ("pretrain", "sft"):
+        seq_len = getattr(cfg, section).seq_len
+        _check(0 <= seq_len <= m.max_seq_len,
+               f"{section}.seq_len must be 0 (= model.max_seq_len) or 1..{m.max_seq_len}, got {seq_len}")
+        _check(not seq_len or not m.attention_block or seq_len % m.attention_block == 0,
+               f"{section}.seq_len ({seq_len}) must be a multiple of model.attention_block ({m.attention_block})")
     for section in ("pretrain", "sft"):
         _check(getattr(cfg, section).optimizer != "muon" or r.distributed != "fsdp",
                f'{section}.optimizer = "muon" needs whole weight matrices, which run.distributed = "fsdp" '

@@ -12,7 +12,8 @@ denominator, applied as sigmoid(logsumexp - sink) — and with every layer on fu
 and Granite's multipliers at 1 (attention scale 1/sqrt(head_dim)) it computes llmctl's
 model exactly, so sink models go there. Where the installed transformers lacks it, the
 export stops with one line naming the option. No transformers architecture has a copy
-pointer (`model.copy_pointer`): such a model exports only as `--format safetensors`.
+pointer (`model.copy_pointer`), nor counted n-grams (`model.ngram_order`, `model.cache_weight`): such a
+model exports only as `--format safetensors`.
 
 `--format safetensors` writes the bare weights under llmctl's own names (`model.safetensors`,
 fused tensors, padded vocabulary) with `config.toml`, `tokenizer.json` and `llmctl.json`
@@ -76,6 +77,9 @@ def hf_architecture(model_cfg: Any, arch: str | None = None) -> str:
     if getattr(model_cfg, "attention_block", 0) and model_cfg.attention_block < model_cfg.max_seq_len:
         raise LlmctlError(f"model.attention_block = {model_cfg.attention_block} (attention within blocks of the "
                           f"context) has no transformers architecture; export with --format safetensors")
+    if getattr(model_cfg, "ngram_order", 0) or getattr(model_cfg, "cache_weight", 0):
+        raise LlmctlError("model.ngram_order / model.cache_weight (counted n-grams mixed into the predictions) have "
+                          "no transformers architecture; export with --format safetensors, which carries the counts")
     if arch is not None:
         return arch
     if not model_cfg.use_attention_sinks:

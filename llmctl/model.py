@@ -10,10 +10,12 @@ References: RoPE (Su et al., 2021), RMSNorm (Zhang & Sennrich, 2019), SwiGLU (Sh
 GQA (Ainslie et al., 2023), attention sinks as a learned softmax logit (Xiao et al., 2023;
 as in gpt-oss).
 
-Two options leave Llama's shape (and so transformers' export): `model.copy_pointer` mixes a
-pointer over the window into the output (`llmctl/pointer.py`), and `model.attention_block`
+Three options leave Llama's shape (and so transformers' export): `model.copy_pointer` mixes a
+pointer over the window into the output (`llmctl/pointer.py`), `model.attention_block`
 makes attention read only its own block of positions, so the pointer's window can be long
-while attention costs what a short context does.
+while attention costs what a short context does, and `model.ngram_order` / `model.cache_weight`
+mix counted n-grams of the training text and of the window into the predictions at inference
+(`llmctl/ngram.py`).
 
 Generation passes a `KVCache` to `forward`: the prompt is run once (prefill), then each new
 token attends to the cached keys and values of all earlier ones. Training never passes one,
@@ -32,6 +34,7 @@ from torch.utils.checkpoint import checkpoint
 from llmctl.config import ModelConfig
 from llmctl.cross_entropy import IGNORE_INDEX, linear_cross_entropy, reduce_losses
 from llmctl.dropout import dropout
+from llmctl.ngram import CountMixture, WindowView
 from llmctl.pointer import CopyPointer, earlier_positions, offered_tokens
 
 
@@ -110,9 +113,10 @@ class KVCache:
         # a token attends only to its own block of `block` positions (absolute position // block).
         self.block = cfg.attention_block if 0 < cfg.attention_block < cfg.max_seq_len else 0
         self.slot_pos: torch.Tensor | None = None  # (L,)
-        # A copy pointer's keys: each slot's final hidden state and input id, in the same ring.
+        # Each slot's input id, kept when the output reads the window (a copy pointer, a cache of
+        # n-grams), and a copy pointer's keys: each slot's final hidden state, in the same ring.
+        self.ids: torch.Tensor | None = None  # (B, L)
         self.pointer_h: torch.Tensor | None = None  # (B, L, C)
-        self.pointer_ids: torch.Tensor | None = None  # (B, L)
 
     def room(self) -> int:
         return self.size - self.pos if self.pos < self.size else 1
@@ -152,10 +156,23 @@ class KVCache:
         values[:, :, slot] = v[:, :, 0]
         return keys, values, self._mask  # None unless attention is block-local
 
-    def pointer_update(self, h: torch.Tensor, idx: torch.Tensor, query_pos: torch.Tensor
+    def _slots(self, T: int, device: torch.device) -> torch.Tensor:
+        return torch.arange(self.pos, self.pos + T, device=device) % self.size  # distinct: T <= room()
+
+    def store_ids(self, idx: torch.Tensor) -> None:
+        """Keep this step's inputs idx (B, T) in their slots (after `begin`, before `advance`)."""
+        if self.ids is None:
+            self.ids = torch.zeros(idx.size(0), self.size, dtype=torch.long, device=idx.device)
+        self.ids[:, self._slots(idx.size(1), idx.device)] = idx
+
+    def window(self, query_pos: torch.Tensor) -> WindowView:
+        """The ring's ids as seen by queries at absolute positions query_pos (Q,)."""
+        return WindowView(self.ids, self.slot_pos, query_pos, self.size)
+
+    def pointer_update(self, h: torch.Tensor, query_pos: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Store this step's final hidden states h (B, T, C) and inputs idx (B, T) (after
-        `begin`, before `advance`); return the pointer's keys (B, L, C), the token each offers (B, L) and which
+        """Store this step's final hidden states h (B, T, C) (after `store_ids`, before
+        `advance`); return the pointer's keys (B, L, C), the token each offers (B, L) and which
         ones each query at absolute positions `query_pos` (Q,) may point at (Q, L).
 
         Key j offers x_{j+1}: the input one slot later, if that slot holds position j + 1. A
@@ -163,14 +180,10 @@ class KVCache:
         if self.pointer_h is None:
             B, _, C = h.shape
             self.pointer_h = torch.zeros(B, self.size, C, dtype=h.dtype, device=h.device)
-            self.pointer_ids = torch.zeros(B, self.size, dtype=torch.long, device=h.device)
-        T = idx.size(1)
-        slots = torch.arange(self.pos, self.pos + T, device=h.device) % self.size  # distinct: T <= room()
-        self.pointer_h[:, slots] = h.to(self.pointer_h.dtype)
-        self.pointer_ids[:, slots] = idx
+        self.pointer_h[:, self._slots(h.size(1), h.device)] = h.to(self.pointer_h.dtype)
         key_pos = self.slot_pos  # (L,), this step's positions included by `begin`
         following = torch.roll(key_pos, -1)  # position held by the next slot
-        offered = torch.roll(self.pointer_ids, -1, dims=1)  # (B, L)
+        offered = torch.roll(self.ids, -1, dims=1)  # (B, L)
         known = (key_pos >= 0) & (following == key_pos + 1)  # (L,)
         t = query_pos[:, None]  # (Q, 1)
         visible = known[None, :] & (key_pos[None, :] < t) & (key_pos[None, :] > t - self.size)  # (Q, L)
@@ -332,6 +345,9 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.pointer = CopyPointer(cfg.d_model) if cfg.copy_pointer else None
+        # Counted n-grams mixed in at inference; `fit_counts` fills them from the training text.
+        self.counts = (CountMixture(cfg.vocab_size, cfg.ngram_order, cfg.ngram_weight, cfg.cache_weight)
+                       if cfg.ngram_order or cfg.cache_weight else None)
         # The output projection reuses the embedding matrix (tied weights, Press & Wolf, 2017).
         cos, sin = rope_tables(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -361,13 +377,15 @@ class Transformer(nn.Module):
         With a `cache`, idx holds the tokens that follow those the cache has seen; their keys
         and values are added to it. `last_only` computes logits for the last position only,
         all a sampler needs."""
-        T = idx.size(1)
+        B, T = idx.shape
         if cache is None:
             if T > self.cfg.max_seq_len:
                 raise ValueError(f"sequence of {T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
             cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         else:
             cache.begin(T, idx.device)
+            if self.pointer is not None or self.counts is not None:
+                cache.store_ids(idx)
             cos, sin = self._rope(cache.pos, cache.pos + T)
         x = dropout(self.tok_emb(idx), self.cfg.dropout, self.training)  # (B, T, C)
         for block in self.blocks:
@@ -375,39 +393,41 @@ class Transformer(nn.Module):
                 x = checkpoint(block, x, cos, sin, use_reentrant=False)
             else:
                 x = block(x, cos, sin, cache)
-        if self.pointer is not None:
-            return self._forward_with_pointer(idx, self.norm(x), targets, reduction, cache, last_only)
+        h = self.norm(x)  # (B, T, C)
+        queries = h[:, -1:] if last_only and targets is None else h  # (B, Q, C)
+        Q = queries.size(1)
         if cache is not None:
-            cache.advance(T)
-        x = self.norm(x[:, -1:] if last_only else x)
-        if targets is not None:  # the output layer fused with its loss: no fp32 logits
-            return linear_cross_entropy(x.flatten(0, 1), self.tok_emb.weight, targets.flatten(),
+            query_pos = torch.arange(cache.pos + T - Q, cache.pos + T, device=idx.device)  # (Q,)
+        mixing = self.counts is not None and not self.training  # counts join at inference only
+        if targets is not None and self.pointer is None and not mixing:
+            # The output layer fused with its loss: no fp32 logits.
+            return linear_cross_entropy(h.flatten(0, 1), self.tok_emb.weight, targets.flatten(),
                                         self.vocab_size, reduction)
+        if targets is not None:
+            log_probs = -linear_cross_entropy(h.flatten(0, 1), self.tok_emb.weight, targets.flatten(),
+                                              self.vocab_size, "none").view(B, T)  # (B, T)
+            if self.pointer is not None:
+                log_probs = self.pointer.target_log_probs(h, idx, targets, log_probs)
+            if mixing:
+                log_probs = self.counts.mix_targets(log_probs, WindowView.of_sequence(idx, T, self.cfg.max_seq_len),
+                                                    targets)
+            return reduce_losses(-log_probs.masked_fill(targets == IGNORE_INDEX, 0.0), targets, reduction)
         # The matmul runs on the padded shape; the padding columns are dropped before the
         # softmax so ids that do not exist get no probability.
-        return F.linear(x, self.tok_emb.weight)[..., : self.vocab_size]  # (B, T, vocab)
-
-    def _forward_with_pointer(self, idx: torch.Tensor, h: torch.Tensor, targets: torch.Tensor | None,
-                              reduction: str, cache: KVCache | None, last_only: bool) -> torch.Tensor:
-        """`forward`'s output for a model with a copy pointer, from the final hidden states h
-        (B, T, C): the mixture's loss, or its log-probabilities (B, T or 1, vocab) as logits."""
-        B, T = idx.shape
-        if targets is not None:
-            vocab_log_probs = -linear_cross_entropy(h.flatten(0, 1), self.tok_emb.weight, targets.flatten(),
-                                                    self.vocab_size, "none").view(B, T)
-            losses = -self.pointer.target_log_probs(h, idx, targets, vocab_log_probs)  # (B, T)
-            return reduce_losses(losses.masked_fill(targets == IGNORE_INDEX, 0.0), targets, reduction)
-        queries = h[:, -1:] if last_only else h
         logits = F.linear(queries, self.tok_emb.weight)[..., : self.vocab_size]  # (B, Q, vocab)
+        if self.pointer is not None:
+            if cache is not None:
+                keys, offered, visible = cache.pointer_update(h, query_pos)
+            else:
+                keys, offered = h, offered_tokens(idx)
+                visible = earlier_positions(T, idx.device)[T - Q:]  # (Q, T)
+            logits = self.pointer.mix(queries, keys, offered, visible, logits)  # log-probabilities
+        if mixing:
+            view = cache.window(query_pos) if cache is not None else WindowView.of_sequence(idx, Q, self.cfg.max_seq_len)
+            logits = self.counts.mix_log_probs(logits, view)
         if cache is not None:
-            start = cache.pos + T - queries.size(1)
-            query_pos = torch.arange(start, cache.pos + T, device=idx.device)  # (Q,)
-            keys, offered, visible = cache.pointer_update(h, idx, query_pos)
             cache.advance(T)
-        else:
-            keys, offered = h, offered_tokens(idx)
-            visible = earlier_positions(T, idx.device)[T - queries.size(1):]  # (Q, T)
-        return self.pointer.mix(queries, keys, offered, visible, logits)
+        return logits
 
     def _rope(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE tables for positions start..end-1: the precomputed ones, or fresh past max_seq_len."""

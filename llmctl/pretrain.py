@@ -84,7 +84,7 @@ def make_plan(cfg: Config) -> Plan:
     with torch.device("meta"):  # shapes only: no memory, no init time
         params = Transformer(cfg.model).num_parameters()
     t = cfg.pretrain
-    tokens_per_step = t.batch_size * cfg.model.max_seq_len
+    tokens_per_step = t.batch_size * cfg.train_seq_len(STAGE)
     return Plan(
         parameters=params, vocab_size=cfg.model.vocab_size, tokens_per_step=tokens_per_step,
         accumulation_steps=cfg.accumulation_steps, total_tokens=tokens_per_step * t.max_steps,
@@ -137,17 +137,19 @@ def run_pretrain(cfg: Config, console: Console, overwrite: bool = False, resume:
     if dist_info.is_main:
         barrier(dist_info)
     train_tokens, val_tokens = store.tokens("train"), store.tokens("validation")
-    if len(train_tokens) < cfg.model.max_seq_len + 1:
-        raise LlmctlError(f"only {len(train_tokens)} training tokens, fewer than one window of "
-                          f"model.max_seq_len + 1 = {cfg.model.max_seq_len + 1}; add data or lower max_seq_len")
+    seq_len = cfg.train_seq_len(STAGE)
+    if len(train_tokens) < seq_len + 1:
+        raise LlmctlError(f"only {len(train_tokens)} training tokens, fewer than one training sequence of "
+                          f"{seq_len} + 1 tokens; add data or lower pretrain.seq_len (or model.max_seq_len)")
     if point is not None:
         check_same_data(point, store.meta)
 
     seed_everything(cfg.run.seed)
     model = Transformer(cfg.model).to(device)
+    counted = model.counts.fit(train_tokens) if model.counts is not None else 0  # n-grams mixed in at inference
     auto_micro = cfg.pretrain.micro_batch_size == AUTO
     cfg = with_micro_batch(cfg, STAGE, model, device, dtype, dist_info, point.state["config"] if point else None)
-    batches = training_windows(store, cfg.data.weights, cfg.model.max_seq_len, cfg.pretrain.micro_batch_size,
+    batches = training_windows(store, cfg.data.weights, seq_len, cfg.pretrain.micro_batch_size,
                                cfg.run.seed)
     eval_batch = cfg.eval_batch_size(STAGE)
 
@@ -165,11 +167,15 @@ def run_pretrain(cfg: Config, console: Console, overwrite: bool = False, resume:
     plan = make_plan(cfg)
     intro = [f"run {cfg.run.name}: {plan.parameters:,} parameters on {device.type} "
              f"({str(dtype).removeprefix('torch.')}), {plan.tokens_per_step:,} tokens/step "
-             f"({cfg.pretrain.batch_size} x {cfg.model.max_seq_len}, micro-batch {cfg.pretrain.micro_batch_size}"
+             f"({cfg.pretrain.batch_size} x {seq_len}, micro-batch {cfg.pretrain.micro_batch_size}"
              f"{' (auto)' if auto_micro else ''}, accumulation {plan.accumulation_steps}), "
              f"{cfg.pretrain.max_steps} steps" + (f" or {cfg.pretrain.max_time}, whichever comes first"
                                                   if cfg.pretrain.max_time else ""),
              f"data: {len(train_tokens):,} train tokens, {len(val_tokens):,} validation tokens (cache {store.path})"]
+    if counted:
+        intro.append(f"counts: order-{cfg.model.ngram_order} n-grams of {counted:,} training tokens, mixed in at "
+                     f"evaluation and generation (model.ngram_weight {cfg.model.ngram_weight}, "
+                     f"model.cache_weight {cfg.model.cache_weight})")
     return fit_stage(cfg, STAGE, console, model=model, batches=batches, evaluate=evaluate, tokenizer=tokenizer,
                      data_meta=store.meta, device=device, dtype=dtype, point=point, intro=intro,
                      overwrite=overwrite, resume_command=resume_command, dist_info=dist_info)
@@ -208,7 +214,7 @@ def fit_stage(cfg: Config, stage: str, console: Console, *, model: torch.nn.Modu
     own = [progress, MetricsCallback(run_dir / "metrics.jsonl"), checkpoints, *reporting.callbacks,
            *(callbacks(progress.say) if callbacks else [])]
     trainer = Trainer(model, train_cfg, batches=batches, evaluate=evaluate, device=device, dtype=dtype,
-                      seq_len=seq_len or cfg.model.max_seq_len, log_every=cfg.run.log_every,
+                      seq_len=seq_len or cfg.train_seq_len(stage), log_every=cfg.run.log_every,
                       compile=resolve_compile(cfg.run.compile, device),
                       callbacks=own if dist_info.is_main else [], dist=dist_info)
     if point is not None:

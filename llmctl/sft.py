@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from rich.console import Console
 
@@ -246,7 +247,7 @@ def run_sft(cfg: Config, base: Base, console: Console, overwrite: bool = False, 
     if not data.train or not data.validation:
         raise LlmctlError(f"sft.datasets gave {len(data.train)} training and {len(data.validation)} held-out "
                           f"conversations; SFT needs at least 2 usable records (check the files and caps)")
-    max_len = cfg.model.max_seq_len
+    max_len = cfg.train_seq_len(STAGE)
     train = encode_examples(data.train, template, tokenizer, max_len)
     validation = encode_examples(data.validation, template, tokenizer, max_len)
     truncated = sum(e.truncated for e in train)
@@ -266,6 +267,8 @@ def run_sft(cfg: Config, base: Base, console: Console, overwrite: bool = False, 
                               f"({str(e).splitlines()[0]})") from None
     base.weights = None  # the model holds them now
     model.to(device)
+    if model.counts is not None:  # n-grams of the text it is tuned on now, conversations end to end
+        model.counts.fit(np.concatenate([np.asarray(e.input_ids, dtype=np.int64) for e in train]))
     cfg = with_micro_batch(cfg, STAGE, model, device, dtype, dist_info, point.state["config"] if point else None)
     batches = ExampleBatches(train, cfg.sft.micro_batch_size, tokenizer.eos_id, cfg.run.seed)
     eval_batch = cfg.eval_batch_size(STAGE)
@@ -292,6 +295,9 @@ def run_sft(cfg: Config, base: Base, console: Console, overwrite: bool = False, 
              _data_line(data, train, truncated, max_len),
              f"template: user {template.user!r}, reply {template.assistant_prefix + template.assistant!r} "
              f"then end-of-text; loss on replies only"]
+    if model.counts is not None and cfg.model.ngram_order:
+        intro.append(f"counts: order-{cfg.model.ngram_order} n-grams re-counted on the training conversations, "
+                     f"mixed in at evaluation and generation")
     summary = fit_stage(cfg, STAGE, console, model=model, batches=batches, evaluate=evaluate, tokenizer=tokenizer,
                         data_meta=meta, device=device, dtype=dtype, point=point, intro=intro, overwrite=overwrite,
                         resume_command=resume_command, seq_len=mean_len,
@@ -309,12 +315,13 @@ def inspect_example(spec: str, index: int, cfg: Config, checkpoint: str | None =
     model.max_seq_len, the default template). A plain dict (`--json` prints it)."""
     if checkpoint:
         base = load_base(checkpoint)
-        tokenizer, template, max_len, source = base.tokenizer, base.template, base.config.model.max_seq_len, \
+        tokenizer, template, max_len, source = base.tokenizer, base.template, \
+            cfg.sft.seq_len or base.config.model.max_seq_len, \
             str(base.path)
     else:
         from llmctl.data.tokenizer import resolve_tokenizer
 
-        tokenizer, template, max_len = resolve_tokenizer(cfg.data), ChatTemplate(), cfg.model.max_seq_len
+        tokenizer, template, max_len = resolve_tokenizer(cfg.data), ChatTemplate(), cfg.train_seq_len("sft")
         source = f"data.tokenizer {cfg.data.tokenizer}"
     where, record = record_at(spec, index)
     try:

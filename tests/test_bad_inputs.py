@@ -140,7 +140,7 @@ ROWS: list[Bad] = [
     Bad("data-not-utf8", pretrain(*s('data.datasets=["text:{user}/latin1.txt"]')), 1, "is not UTF-8",
         setup=("latin1_text",)),
     Bad("data-too-little-text", pretrain(*s('data.datasets=["text:{user}/short.txt"]', "model.max_seq_len=512")), 1,
-        "fewer than one window", setup=("short_text",)),
+        "fewer than one training sequence", setup=("short_text",)),
     # ---- tokenizers
     Bad("tokenizer-missing-folder", pretrain(*s("data.tokenizer=/no/such/tokenizer")), 2, "data.tokenizer: /no/such/tokenizer"),
     Bad("tokenizer-no-json", pretrain(*s("data.tokenizer={user}/notok")), 2, "has no tokenizer.json", setup=("empty_tokenizer",)),

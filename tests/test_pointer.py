@@ -88,7 +88,7 @@ def test_cached_generation_gives_the_uncached_distribution_and_slides_past_the_c
     t = seq.size(1) - 1
     h = torch.zeros(1, 1, model.cfg.d_model)
     cache.pos -= 1  # look at the last step again: rewrite the same slot
-    keys, offered, visible = cache.pointer_update(h, seq[:, t:], torch.tensor([t]))
+    keys, offered, visible = cache.pointer_update(h, torch.tensor([t]))
     positions = cache.slot_pos[visible[0]]
     assert sorted(positions.tolist()) == list(range(t - CONTEXT + 1, t))
     assert offered[0, visible[0]].tolist() == seq[0, positions + 1].tolist()
