@@ -345,7 +345,7 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.pointer = CopyPointer(cfg.d_model) if cfg.copy_pointer else None
-        # Counted n-grams mixed in at inference; `fit_counts` fills them from the training text.
+        # Counted n-grams mixed in at inference; pretrain fills them (`counts.fit`) from its text.
         self.counts = (CountMixture(cfg.vocab_size, cfg.ngram_order, cfg.ngram_weight, cfg.cache_weight)
                        if cfg.ngram_order or cfg.cache_weight else None)
         # The output projection reuses the embedding matrix (tied weights, Press & Wolf, 2017).

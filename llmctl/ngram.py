@@ -217,12 +217,6 @@ class CountMixture(nn.Module):
 
     # ------------------------------------------------------------------ mixing
 
-    def _weights(self, cache_weights: torch.Tensor | None) -> tuple[float, torch.Tensor | float]:
-        """The n-gram's weight a and the cache's b_t (B, Q): b where the cache has anything to say."""
-        if cache_weights is None:
-            return self.ngram_weight, 0.0
-        return self.ngram_weight, self.cache_weight * (cache_weights.sum(-1) > 0).double()
-
     def mix_targets(self, model_log_probs: torch.Tensor, view: WindowView, targets: torch.Tensor) -> torch.Tensor:
         """log p(target) under the mixture (B, Q) fp32, from the model's own log p(target) (B, Q).
         Queries go QUERY_CHUNK at a time: the cache's (B, Q, S) tensors of a long window would
@@ -236,29 +230,28 @@ class CountMixture(nn.Module):
 
     def _mix_target_chunk(self, model_log_probs: torch.Tensor, view: WindowView, targets: torch.Tensor
                           ) -> torch.Tensor:
-        cache = self._cache_weights(view) if self.cache_weight else None
-        a, b = self._weights(cache[0] if cache else None)
-        p = (1 - a - b) * model_log_probs.double().exp()
-        if a:
-            p = p + a * self.ngram_target_probs(self.history(view), targets)
-        if cache:
-            weights, offered = cache
-            p = p + b * (weights * (offered[:, None, :] == targets[:, :, None])).sum(-1)
-        return p.log().float()
+        a = self.ngram_weight
+        p = model_log_probs.double().exp()  # (B, Q)
+        mixed = (1 - a) * p + a * self.ngram_target_probs(self.history(view), targets) if a else p
+        if self.cache_weight:
+            weights, offered = self._cache_weights(view)
+            b = self.cache_weight * (weights.sum(-1) > 0).double()  # (B, Q): 0 where the cache is silent
+            copied = (weights * (offered[:, None, :] == targets[:, :, None])).sum(-1)
+            mixed = mixed - b * p + b * copied
+        return mixed.log().float()
 
     def mix_log_probs(self, model_log_probs: torch.Tensor, view: WindowView) -> torch.Tensor:
         """The mixture's log-probabilities (B, Q, V) fp32 from the model's (B, Q, V)."""
-        cache = self._cache_weights(view) if self.cache_weight else None
-        a, b = self._weights(cache[0] if cache else None)
-        b_column = b[..., None] if torch.is_tensor(b) else b
-        p = (1 - a - b_column) * torch.log_softmax(model_log_probs.double(), dim=-1).exp()
-        if a:
-            p = p + a * self.ngram_probs(self.history(view))
-        if cache:
-            weights, offered = cache
+        a = self.ngram_weight
+        p = torch.log_softmax(model_log_probs.double(), dim=-1).exp()  # (B, Q, V)
+        mixed = (1 - a) * p + a * self.ngram_probs(self.history(view)) if a else p
+        if self.cache_weight:
+            weights, offered = self._cache_weights(view)
+            b = self.cache_weight * (weights.sum(-1, keepdim=True) > 0).double()  # (B, Q, 1)
             index = offered.clamp(min=0)[:, None, :].expand_as(weights)  # (B, Q, S)
-            p = p + b_column * torch.zeros_like(p).scatter_add_(2, index, weights)
-        return p.log().float()
+            copied = torch.zeros_like(p).scatter_add_(2, index, weights)
+            mixed = mixed - b * p + b * copied
+        return mixed.log().float()
 
     def history(self, view: WindowView) -> torch.Tensor:
         """(B, Q, K): x_t, x_{t-1}, ... for each query, -1 where outside its window."""
