@@ -31,8 +31,7 @@ def token_losses(model: torch.nn.Module, ids: list[int], context: int) -> np.nda
     with torch.no_grad():
         for start in range(0, len(ids) - 1, context):
             window = torch.tensor([ids[start: start + context + 1]])  # (1, <= context + 1)
-            logits = model(window[:, :-1]).float()  # (1, T, vocab)
-            losses.append(torch.nn.functional.cross_entropy(logits[0], window[0, 1:], reduction="none"))
+            losses.append(model(window[:, :-1], window[:, 1:], reduction="none").float().view(-1))  # (T,)
     return torch.cat(losses).numpy()
 
 

@@ -68,6 +68,10 @@ class WindowView:
         positions = torch.arange(T, device=idx.device)
         return cls(idx, positions, positions[T - queries:], window)
 
+    def queries(self, start: int, count: int = QUERY_CHUNK) -> "WindowView":
+        """The same window read by queries start .. start + count - 1 of this view's."""
+        return WindowView(self.ids, self.key_pos, self.query_pos[start: start + count], self.window)
+
     def token_at(self, pos: torch.Tensor, reader_pos: torch.Tensor) -> torch.Tensor:
         """Ids at absolute positions pos (broadcast with reader_pos), -1 where the slot does not
         hold that position or it is outside the reader's window. Shapes: pos (..., X) -> (B, ..., X)."""
@@ -223,9 +227,9 @@ class CountMixture(nn.Module):
         otherwise take GBs."""
         chunks = []
         for start in range(0, targets.size(1), QUERY_CHUNK):
-            part = slice(start, start + QUERY_CHUNK)
-            chunk_view = WindowView(view.ids, view.key_pos, view.query_pos[part], view.window)
-            chunks.append(self._mix_target_chunk(model_log_probs[:, part], chunk_view, targets[:, part]))
+            end = start + QUERY_CHUNK
+            chunks.append(self._mix_target_chunk(model_log_probs[:, start:end], view.queries(start),
+                                                 targets[:, start:end]))
         return torch.cat(chunks, dim=1)
 
     def _mix_target_chunk(self, model_log_probs: torch.Tensor, view: WindowView, targets: torch.Tensor
@@ -241,7 +245,12 @@ class CountMixture(nn.Module):
         return mixed.log().float()
 
     def mix_log_probs(self, model_log_probs: torch.Tensor, view: WindowView) -> torch.Tensor:
-        """The mixture's log-probabilities (B, Q, V) fp32 from the model's (B, Q, V)."""
+        """The mixture's log-probabilities (B, Q, V) fp32 from the model's (B, Q, V), QUERY_CHUNK
+        queries at a time (each chunk's fp64 work takes QUERY_CHUNK x V x 8 bytes a tensor)."""
+        return torch.cat([self._mix_chunk(model_log_probs[:, start: start + QUERY_CHUNK], view.queries(start))
+                          for start in range(0, model_log_probs.size(1), QUERY_CHUNK)], dim=1)
+
+    def _mix_chunk(self, model_log_probs: torch.Tensor, view: WindowView) -> torch.Tensor:
         a = self.ngram_weight
         p = torch.log_softmax(model_log_probs.double(), dim=-1).exp()  # (B, Q, V)
         mixed = (1 - a) * p + a * self.ngram_probs(self.history(view)) if a else p
