@@ -251,6 +251,10 @@ VARIANTS["cpu-10m-counts-seed2"] = ("cpu-10m", {"data.tokenizer": f'"{GPT2}"', "
 # code, not kept: the counts in the training loss too (leave-one-out n-gram counts, so the
 # network learns what the counts miss), "cpu-10m-counts-in-loss" in the results: 468 steps
 # (counts in every step cost ~25% tokens/s and a slower compile), 1.854.
+# With the counts taking the tail, the network's own regularisation and sequence length again:
+VARIANTS["cpu-10m-counts-drop0.1"] = ("cpu-10m", {"data.tokenizer": f'"{GPT2}"', "model.dropout": "0.1"})
+VARIANTS["cpu-10m-counts-seq512"] = ("cpu-10m", {"data.tokenizer": f'"{GPT2}"', "pretrain.seq_len": "512",
+                                                 "pretrain.batch_size": "4", "pretrain.micro_batch_size": "4"})
 VARIANTS["cpu-10m-nocounts-w8192"] = ("cpu-10m", {"data.tokenizer": f'"{GPT2}"', "model.ngram_order": "0",
                                                   "model.ngram_weight": "0", "model.cache_weight": "0"})
 
