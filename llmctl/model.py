@@ -181,13 +181,9 @@ class KVCache:
             B, _, C = h.shape
             self.pointer_h = torch.zeros(B, self.size, C, dtype=h.dtype, device=h.device)
         self.pointer_h[:, self._slots(h.size(1), h.device)] = h.to(self.pointer_h.dtype)
-        key_pos = self.slot_pos  # (L,), this step's positions included by `begin`
-        following = torch.roll(key_pos, -1)  # position held by the next slot
-        offered = torch.roll(self.ids, -1, dims=1)  # (B, L)
-        known = (key_pos >= 0) & (following == key_pos + 1)  # (L,)
-        t = query_pos[:, None]  # (Q, 1)
-        visible = known[None, :] & (key_pos[None, :] < t) & (key_pos[None, :] > t - self.size)  # (Q, L)
-        return self.pointer_h, offered, visible
+        view = self.window(query_pos)  # slot positions include this step's, set by `begin`
+        offered, known = view.offered()  # (B, L), (L,)
+        return self.pointer_h, offered, view.earlier() & known  # visible: (Q, L)
 
     def advance(self, T: int) -> None:
         self.pos += T

@@ -72,6 +72,18 @@ class WindowView:
         """The same window read by queries start .. start + count - 1 of this view's."""
         return WindowView(self.ids, self.key_pos, self.query_pos[start: start + count], self.window)
 
+    def offered(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The token each key j offers, x_{j+1} (B, S), and whether it is known (S,): the slot
+        after j's holds position j + 1 (in a ring it may hold an older or no token)."""
+        following = (self.key_pos + 1).remainder(self.key_pos.numel())
+        known = (self.key_pos >= 0) & (self.key_pos[following] == self.key_pos + 1)
+        return self.ids[:, following], known
+
+    def earlier(self) -> torch.Tensor:
+        """(Q, S): key j is before query t and inside its window, t - window < j < t."""
+        t, j = self.query_pos[:, None], self.key_pos[None, :]
+        return (j >= 0) & (j < t) & (j > t - self.window)
+
     def token_at(self, pos: torch.Tensor, reader_pos: torch.Tensor) -> torch.Tensor:
         """Ids at absolute positions pos (broadcast with reader_pos), -1 where the slot does not
         hold that position or it is outside the reader's window. Shapes: pos (..., X) -> (B, ..., X)."""
@@ -210,11 +222,10 @@ class CountMixture(nn.Module):
         j = view.key_pos[None, :]  # (1, S)
         now = view.token_at(t, t)  # (B, Q, 1): x_t
         before = view.token_at(t - 1, t)  # (B, Q, 1): x_{t-1}
-        offered = view.token_at(view.key_pos + 1, view.key_pos)  # (B, S)
-        earlier = (j >= 0) & (j < t) & (j > t - view.window)  # (Q, S)
+        offered, known = view.offered()  # (B, S), (S,)
         key_token = view.token_at(j, t)  # (B, Q, S): -1 outside the query's window
         key_before = view.token_at(j - 1, t)  # (B, Q, S)
-        same = earlier & (key_token == now) & (now >= 0) & (offered[:, None, :] >= 0)  # (B, Q, S)
+        same = (view.earlier() & known) & (key_token == now) & (now >= 0)  # (B, Q, S)
         same2 = same & (key_before == before) & (before >= 0)
         chosen = torch.where(same2.any(-1, keepdim=True), same2, same).double()
         return chosen / chosen.sum(-1, keepdim=True).clamp(min=1), offered
@@ -225,12 +236,9 @@ class CountMixture(nn.Module):
         """log p(target) under the mixture (B, Q) fp32, from the model's own log p(target) (B, Q).
         Queries go QUERY_CHUNK at a time: the cache's (B, Q, S) tensors of a long window would
         otherwise take GBs."""
-        chunks = []
-        for start in range(0, targets.size(1), QUERY_CHUNK):
-            end = start + QUERY_CHUNK
-            chunks.append(self._mix_target_chunk(model_log_probs[:, start:end], view.queries(start),
-                                                 targets[:, start:end]))
-        return torch.cat(chunks, dim=1)
+        return torch.cat([self._mix_target_chunk(model_log_probs[:, start: start + QUERY_CHUNK], view.queries(start),
+                                                 targets[:, start: start + QUERY_CHUNK])
+                          for start in range(0, targets.size(1), QUERY_CHUNK)], dim=1)
 
     def _mix_target_chunk(self, model_log_probs: torch.Tensor, view: WindowView, targets: torch.Tensor
                           ) -> torch.Tensor:
@@ -257,7 +265,7 @@ class CountMixture(nn.Module):
         if self.cache_weight:
             weights, offered = self._cache_weights(view)
             b = self.cache_weight * (weights.sum(-1, keepdim=True) > 0).double()  # (B, Q, 1)
-            index = offered.clamp(min=0)[:, None, :].expand_as(weights)  # (B, Q, S)
+            index = offered[:, None, :].expand_as(weights)  # (B, Q, S); unknown keys weigh 0
             copied = torch.zeros_like(p).scatter_add_(2, index, weights)
             mixed = mixed - b * p + b * copied
         return mixed.log().float()
