@@ -103,6 +103,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def split_rng_stream(rank: int) -> None:
+    """Give this rank its own stream of the global RNGs (dropout masks) from here on.
+
+    Every rank holds the same stream before (same seed, same draws: model init must agree);
+    rank 0 keeps it, so it draws what one process would, and rank r > 0 re-seeds from one
+    number drawn from it mixed with r. Without this, N ranks would draw the same dropout
+    masks and regularise like one."""
+    if rank == 0:
+        return
+    drawn = int(torch.randint(0, 2**62, (1,)))
+    seed_everything(int(np.random.SeedSequence([drawn, rank]).generate_state(1, np.uint64)[0]) % 2**63)
+
+
 def rng_state() -> dict:
     """All global RNG states as plain lists and tensors (loadable with weights_only=True)."""
     np_state = np.random.get_state()
@@ -299,6 +312,17 @@ def shutdown_distributed(info: DistInfo) -> None:
             dist.destroy_process_group()
 
 
+def gather_to_all(value: object, info: DistInfo) -> list[object]:
+    """Every rank's `value` (plain data and CPU tensors), in rank order, on every rank."""
+    if not info.enabled:
+        return [value]
+    import torch.distributed as dist
+
+    gathered: list[object] = [None] * info.world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def all_ranks_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """Sum a small tensor over ranks (a no-op alone); gloo has no AVG, so callers divide."""
     if info.enabled:
@@ -310,3 +334,42 @@ def all_ranks_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
         dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
         values = reduced.to(values.device)
     return values
+
+
+class RankAgreement:
+    """A few host-side numbers (a stop request, rank 0's clock) summed over every rank without
+    stalling the device or the step.
+
+    The sum runs on CPU tensors over a gloo group of its own, in the background: `exchange()`
+    returns the sum it launched at its previous call and launches the next, so every rank acts
+    on the same numbers at the same step, one step after they were sent. Reading a flag that
+    an all-reduce on the training device produced would be a host sync every step."""
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        self._dist = dist
+        self._group = dist.new_group(backend="gloo")  # a collective: every rank builds one
+        self._pending: tuple[object, torch.Tensor] | None = None
+
+    def exchange(self, values: list[float]) -> list[float] | None:
+        """Launch the sum of `values`; return the previous call's sum (None on the first call)."""
+        previous = self.settle()
+        sent = torch.tensor(values, dtype=torch.float64)
+        self._pending = (self._dist.all_reduce(sent, group=self._group, async_op=True), sent)
+        return previous
+
+    def now(self, values: list[float]) -> list[float]:
+        """The sum of `values` over ranks, waited for (at the start and end of a run)."""
+        self.settle()
+        self.exchange(values)
+        return self.settle()
+
+    def settle(self) -> list[float] | None:
+        """Wait for the sum in flight, if any, and return it."""
+        if self._pending is None:
+            return None
+        work, sent = self._pending
+        self._pending = None
+        work.wait()
+        return sent.tolist()

@@ -5,9 +5,12 @@ model, a `TrainConfig` section, a batch source with `next_batch()` and state, an
 `evaluate()` function; it reports through callbacks as plain dicts. SFT differs only in
 its batches (ignored targets) and starting weights.
 
-One optimizer step = `accumulation` micro-batches, each loss scaled by 1/accumulation so
-the summed gradient equals that of one batch of `batch_size` sequences. The loss is read
-back to the host only at log steps, so the device never waits on the Python loop.
+One optimizer step = `accumulation` micro-batches per rank. Its loss is the sum of every
+target token's loss over all micro-batches and ranks divided by the step's target-token
+count, so the gradient is that of one batch of `batch_size` sequences however the step is
+split (micro-batch size, number of processes), also when targets are ignored (SFT). The loss
+is read back to the host only at log steps, and stop requests and the time budget are agreed
+between ranks in the background, so the device never waits on the Python loop.
 
 Stopping safely, for every stage alike:
 - Resume: `state_dict()` holds everything the loop depends on (weights, optimizer, step and
@@ -24,7 +27,10 @@ Stopping safely, for every stage alike:
   only the loss is watched there.
 - Signals: inside `fit()` SIGINT/SIGTERM ask for a stop (`runtime.StopSignals`); the step in
   flight completes, a checkpoint of that step is saved and `TrainingInterrupted` (exit code
-  130 / 143) is raised. An evaluation is abandoned at once (it changes no state).
+  130 / 143) is raised. An evaluation is abandoned at once (it changes no state). Distributed,
+  every rank stops at the same step, one step after the request is seen.
+- Random streams: each rank draws its own dropout masks (rank 0 the stream one process would
+  draw); checkpoints hold every rank's RNG state, so a distributed run resumes exactly too.
 """
 
 from __future__ import annotations
@@ -41,10 +47,11 @@ from typing import Any, Protocol
 import torch
 
 from llmctl.config import TrainConfig, parse_duration
+from llmctl.cross_entropy import IGNORE_INDEX
 from llmctl.errors import ConfigError, LlmctlError
 from llmctl.optim import build_optimizers
-from llmctl.runtime import (DistInfo, StopRequested, StopSignals, all_ranks_sum, autocast, rng_state, set_rng_state,
-                            signal_name)
+from llmctl.runtime import (DistInfo, RankAgreement, StopRequested, StopSignals, all_ranks_sum, autocast,
+                            gather_to_all, rng_state, set_rng_state, signal_name, split_rng_stream)
 
 
 def lr_at(step: int, cfg: TrainConfig, progress: float | None = None) -> float:
@@ -106,6 +113,24 @@ class RankShard:
 
     def load_state_dict(self, state: dict) -> None:
         self.inner.load_state_dict(state)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether an exception, or one it was raised from (a compiler wraps what it hits), is a
+    device or host allocation failure."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, (torch.OutOfMemoryError, MemoryError)):
+            return True
+        if isinstance(seen, RuntimeError) and "can't allocate memory" in str(seen):  # the CPU allocator
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 class TrainingStopped(LlmctlError):
@@ -243,27 +268,38 @@ class Trainer:
         self._saved_step = -1  # the step of the newest checkpoint written by this fit
         self.save_reason = "schedule"  # why the save in progress happens (see save())
         self.stop: StopSignals | None = None
+        # Distributed: stop requests and rank 0's clock are agreed without a per-step host sync.
+        self._agreement = RankAgreement() if self.dist.enabled else None
+        self._stop_agreed = False
+        # Each rank draws its own dropout masks; checkpoints keep every rank's RNG state.
+        split_rng_stream(self.dist.rank)
+        self._rank_rng: list[Any] | None = None  # gathered at each save
 
     # ------------------------------------------------------------------ one step
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step over `accumulation` micro-batches; returns device tensors
-        (mean loss, gradient norm before clipping) without synchronising."""
+        (mean loss per target token of the whole step, gradient norm before clipping)
+        without synchronising."""
         lr = lr_at(self.step, self.cfg, self.progress())
         for optimizer in self.optimizers:
             for group in optimizer.param_groups:
                 group["lr"] = lr
+        micro_batches = [self._to_device(*self.batches.next_batch()) for _ in range(self.accumulation)]
+        # The step's loss is the sum of its token losses over every micro-batch and rank divided
+        # by the step's target-token count, so the gradient does not depend on how the step is
+        # split. With ignored targets (SFT's prompts and padding) micro-batches hold different
+        # counts; dividing each micro-batch's mean by `accumulation` would weigh a token of a short
+        # reply more than one of a long reply. DDP and FSDP average gradients over ranks, hence
+        # the world size in the scale. The count stays on the device: no host sync.
+        targets = sum((y != IGNORE_INDEX).sum() for _, y in micro_batches)
+        targets = all_ranks_sum(targets, self.dist).clamp(min=1)
+        scale = self.dist.world_size / targets.float()
         loss_sum = torch.zeros((), device=self.device)
-        for micro in range(self.accumulation):
-            x, y = self.batches.next_batch()
-            if self.device.type == "cuda":  # page-locked host memory lets the copy run asynchronously
-                x, y = x.pin_memory(), y.pin_memory()
-            x = x.to(self.device, non_blocking=True)
-            y = y.to(self.device, non_blocking=True)
+        for micro, (x, y) in enumerate(micro_batches):
             with self._gradient_sync(micro == self.accumulation - 1), autocast(self.device, self.dtype):
-                loss = self._forward(x, y) / self.accumulation
-                (self.scaler.scale(loss) if self.scaler else loss).backward()
-            loss_sum += loss.detach()
+                loss = self._forward_backward(x, y, scale)
+            loss_sum += loss
         if self.scaler:
             for optimizer in self.optimizers:
                 self.scaler.unscale_(optimizer)
@@ -283,6 +319,44 @@ class Trainer:
         self.tokens_seen += self.cfg.batch_size * self.seq_len
         return loss_sum, grad_norm
 
+    def _to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.device.type == "cuda":  # page-locked host memory lets the copy run asynchronously
+            x, y = x.pin_memory(), y.pin_memory()
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Backward of this micro-batch's share of the step loss; returns that share, detached.
+
+        The first call of a compiled run compiles: forward and backward both, since the
+        backward graph is compiled when it first runs. A compiler failure in either falls back
+        to eager for the rest of the run, re-running this micro-batch from the same RNG state
+        (its gradients are cleared first). Running out of memory is not a compiler failure: it
+        propagates with its own message."""
+        if not self._compile_pending:
+            return self._scaled_backward(self.forward_model, x, y, scale)
+        self._compile_pending = False
+        rng = rng_state()
+        try:
+            compiled = torch.compile(self._ddp or self.model)
+            loss = self._scaled_backward(compiled, x, y, scale)
+            self.forward_model = compiled
+            return loss
+        except Exception as e:  # compilers fail in many ways; eager always works
+            if is_out_of_memory(e):
+                raise
+            warnings.warn(f"torch.compile failed ({type(e).__name__}: {_first_line(e)[:120]}); "
+                          f"training continues in eager mode", stacklevel=2)
+        self.model.zero_grad(set_to_none=True)
+        set_rng_state(rng)
+        self.forward_model = self._ddp or self.model
+        return self._scaled_backward(self.forward_model, x, y, scale)
+
+    def _scaled_backward(self, forward: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                         scale: torch.Tensor) -> torch.Tensor:
+        loss = forward(x, y, reduction="sum") * scale
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+        return loss.detach()
+
     def progress(self) -> float | None:
         """Fraction of a time-budgeted run done (time or steps, whichever is further); None
         without max_time, so the LR schedule stays a pure function of the step."""
@@ -290,19 +364,23 @@ class Trainer:
             return None
         return min(1.0, max(self.train_seconds / self.max_time, self.step / self.cfg.max_steps))
 
-    def _tick(self, clock_start: float) -> None:
-        """Update the time spent and decide whether the budget is gone. Rank 0's clock decides
-        and is shared (one all-reduce per step, only with max_time) so every rank stops at the
-        same step with the same learning rates."""
-        if not self.max_time:
-            return
-        seconds = time.perf_counter() - clock_start if self.dist.is_main else 0.0
-        if self.dist.enabled:
-            shared = torch.tensor([seconds], dtype=torch.float64,
-                                  device=self.device if self.device.type == "cuda" else "cpu")
-            seconds = float(all_ranks_sum(shared, self.dist).item())
-        self.train_seconds = seconds
-        self.out_of_time = seconds >= self.max_time
+    def _tick(self, clock_start: float, wait: bool = False) -> None:
+        """Update the time spent, whether the budget is gone and, distributed, whether any rank
+        was asked to stop. Alone this reads the local clock and flag. Distributed, rank 0's clock
+        and every rank's flag are summed in the background (`RankAgreement`) and take effect
+        one step later, identically on every rank, so all ranks stop at the same step with the
+        same learning rates and no step waits for the host; `wait` takes them now instead."""
+        seconds = time.perf_counter() - clock_start
+        if self._agreement is not None:
+            requested = self.stop is not None and self.stop.requested
+            sent = [seconds if self.dist.is_main else 0.0, 1.0 if requested else 0.0]
+            agreed = self._agreement.now(sent) if wait else self._agreement.exchange(sent)
+            if agreed is None:  # the first exchange of this fit: nothing agreed yet
+                return
+            seconds, self._stop_agreed = agreed[0], agreed[1] > 0
+        if self.max_time:
+            self.train_seconds = seconds
+            self.out_of_time = seconds >= self.max_time
 
     def _gradient_sync(self, last_micro_step: bool) -> contextlib.AbstractContextManager:
         """Across ranks, gradients are averaged once per optimizer step, after the last
@@ -312,20 +390,6 @@ class Trainer:
         if self.dist.enabled and self.dist.strategy == "fsdp":
             self.model.set_requires_gradient_sync(last_micro_step)
         return contextlib.nullcontext()
-
-    def _forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if self._compile_pending:
-            self._compile_pending = False
-            try:
-                compiled = torch.compile(self._ddp or self.model)
-                loss = compiled(x, y)
-                self.forward_model = compiled
-                return loss
-            except Exception as e:  # compilers fail in many ways; eager always works
-                warnings.warn(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
-                              f"training continues in eager mode", stacklevel=2)
-                self.forward_model = self._ddp or self.model
-        return self.forward_model(x, y)
 
     # ------------------------------------------------------------------ the loop
 
@@ -339,6 +403,9 @@ class Trainer:
                 summary = self._loop()
             finally:
                 self.stop = None
+                if self._agreement is not None:
+                    with contextlib.suppress(Exception):  # a lost peer fails it; the run is ending anyway
+                        self._agreement.settle()
         for cb in self.callbacks:
             cb.on_fit_end(self, summary)
         return summary
@@ -349,11 +416,11 @@ class Trainer:
         fit_start = time.perf_counter()
         clock_start = fit_start - self.train_seconds  # the budget counts the time spent before a resume
         start_step = self.step
-        self._tick(clock_start)
+        self._tick(clock_start, wait=True)
         if self._eval_pending():  # saved at an eval step, but that evaluation never finished
             self._eval_or_stop()
+        self._stop_if_requested()
         while self.step < cfg.max_steps and not self.out_of_time:
-            self._stop_if_requested()
             lr = lr_at(self.step, cfg, self.progress())
             loss, grad_norm = self.train_step()
             self._watch(loss, grad_norm)
@@ -391,7 +458,7 @@ class Trainer:
             if (step % cfg.eval_every == 0 or last) and self.evaluate_fn is not None:
                 self._eval_or_stop()
             interval_start += time.perf_counter() - pause_start  # tokens/s counts training time only
-        self._tick(clock_start)
+        self._tick(clock_start, wait=True)
         summary = {"step": self.step, "tokens": self.tokens_seen,
                    "seconds": time.perf_counter() - fit_start,
                    "stopped_by": "max_time" if self.out_of_time and self.step < cfg.max_steps else "max_steps",
@@ -424,14 +491,12 @@ class Trainer:
             self._stop_if_requested()
 
     def _stop_requested(self) -> bool:
-        """A stop asked for by a signal; distributed, any rank's request stops every rank at
-        the same step (torchrun forwards a signal to all ranks, but not at the same instant)."""
-        requested = self.stop is not None and self.stop.requested
+        """A stop asked for by a signal; distributed, any rank's request as agreed by `_tick`,
+        so every rank stops at the same step (torchrun forwards a signal to all ranks, but not
+        at the same instant)."""
         if self.dist.enabled:
-            flag = torch.tensor([1.0 if requested else 0.0],
-                                device=self.device if self.device.type == "cuda" else "cpu")
-            requested = bool(all_ranks_sum(flag, self.dist).item() > 0)
-        return requested
+            return self._stop_agreed
+        return self.stop is not None and self.stop.requested
 
     def _stop_if_requested(self) -> None:
         if self._stop_requested():
@@ -468,6 +533,8 @@ class Trainer:
         "stop" (a signal) or "final"."""
         self.check_finite()
         self.save_reason = "final" if final else reason
+        if self.dist.enabled:
+            self._rank_rng = gather_to_all(rng_state(), self.dist)  # a collective: every rank takes part
         if self.dist.enabled and self.dist.strategy == "fsdp":
             self._gathered_state = self.state_dict()  # a collective: every rank takes part
         try:
@@ -475,6 +542,7 @@ class Trainer:
                 cb.on_save(self, final=final)
         finally:
             self._gathered_state = None
+            self._rank_rng = None
         self._saved_step = self.step
 
     def run_eval(self) -> dict[str, Any]:
@@ -515,6 +583,8 @@ class Trainer:
             "history": list(self.history),
             "train_seconds": self.train_seconds,
         }
+        if self._rank_rng is not None:  # distributed: every rank's RNG state, in rank order
+            state["rank_rng"] = self._rank_rng
         if self.scaler is not None:
             state["grad_scaler"] = self.scaler.state_dict()
         return state
@@ -528,6 +598,18 @@ class Trainer:
 
         return get_state_dict(self.model, self.optimizers,
                               options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def _load_rng(self, state: dict[str, Any]) -> None:
+        """This rank's RNG state as saved; under another number of processes (or from a
+        single-process checkpoint) rank 0 takes the saved main stream and the others split
+        from it, as at a fresh start."""
+        saved = state.get("rank_rng")
+        if self.dist.enabled and saved is not None and len(saved) == self.dist.world_size:
+            set_rng_state(saved[self.dist.rank])
+            return
+        set_rng_state(state["rng"])
+        if self.dist.enabled:
+            split_rng_stream(self.dist.rank)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         try:
@@ -545,7 +627,7 @@ class Trainer:
                 for optimizer, optimizer_state in zip(self.optimizers, saved, strict=True):
                     optimizer.load_state_dict(optimizer_state)
             self.batches.load_state_dict(state["data_position"])
-            set_rng_state(state["rng"])
+            self._load_rng(state)
             if self.scaler is not None and "grad_scaler" in state:
                 self.scaler.load_state_dict(state["grad_scaler"])
         except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
