@@ -29,8 +29,7 @@ from llmctl.autobatch import with_micro_batch
 from llmctl.config import Config
 from llmctl.errors import ConfigError
 from llmctl.model import Transformer
-from llmctl.runtime import (DistInfo, autocast, configure_device, resolve_compile, resolve_device, resolve_dtype,
-                            seed_everything)
+from llmctl.runtime import autocast, init_distributed, resolve_compile, resolve_dtype, seed_everything
 from llmctl.trainer import Trainer
 
 # Dense (no sparsity) peak TFLOP/s from NVIDIA datasheets: (bf16/fp16, tf32, fp32).
@@ -185,16 +184,17 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 3, reference: bool = F
         from llmctl.pretrain import resolve_vocab
 
         cfg = resolve_vocab(cfg, load_tokenizer(cfg.data.tokenizer).vocab_size)
-    device = resolve_device(cfg.run.device)
-    configure_device(device)
+    dist, device = init_distributed(cfg.run.device, cfg.run.distributed)  # under torchrun: DDP or FSDP2
+    if reference and dist.enabled:
+        raise ConfigError("--reference times a single-process loop; run it without torchrun")
     dtype = resolve_dtype(cfg.run.dtype, device)
     seed_everything(cfg.run.seed)
     model = Transformer(cfg.model).to(device)
-    cfg = with_micro_batch(cfg, "pretrain", model, device, dtype, DistInfo(), None)
+    cfg = with_micro_batch(cfg, "pretrain", model, device, dtype, dist, None)
     seq_len = cfg.train_seq_len()
     batches = SyntheticBatches(cfg.model.vocab_size, cfg.pretrain.micro_batch_size, seq_len, cfg.run.seed)
     trainer = Trainer(model, cfg.pretrain, batches=batches, evaluate=None, device=device, dtype=dtype,
-                      seq_len=seq_len, compile=resolve_compile(cfg.run.compile, device))
+                      seq_len=seq_len, compile=resolve_compile(cfg.run.compile, device), dist=dist)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -219,7 +219,7 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 3, reference: bool = F
             ours_rates.append(tokens / _timed(ours, steps, device))
     tokens_per_sec = statistics.median(ours_rates)
     seconds = statistics.mean(tokens / rate for rate in ours_rates)  # per round of `steps` steps
-    achieved = tokens_per_sec * flops_per_token(model, seq_len)
+    achieved = tokens_per_sec * flops_per_token(model, seq_len) / dist.world_size  # per device
     peak, peak_source = device_peak(device, dtype)
     comparison = {}
     if reference:
@@ -229,7 +229,8 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 3, reference: bool = F
                       "rounds_tokens_per_sec": ours_rates, "reference_rounds_tokens_per_sec": theirs_rates}
     return {
         "device": _device_name(device), "dtype": str(dtype).removeprefix("torch."),
-        "compiled": trainer.forward_model is not model,
+        "processes": dist.world_size, "distributed": dist.strategy if dist.enabled else None,
+        "compiled": hasattr(trainer.forward_model, "_orig_mod"), "rank": dist.rank,
         "params": model.num_parameters(), "tokens_per_step": cfg.pretrain.batch_size * seq_len,
         "micro_batch_size": cfg.pretrain.micro_batch_size, "accumulation": trainer.accumulation,
         "steps": steps, "seconds": seconds, "tokens_per_sec": tokens_per_sec,

@@ -155,8 +155,9 @@ def bench(
 ) -> None:
     """Measure training speed of a preset on this machine: tokens/s, MFU, peak memory.
 
-    Runs real optimizer steps on synthetic tokens. Example:
-    llmctl bench --preset local --set pretrain.batch_size=8 --steps 5 --json
+    Runs real optimizer steps on synthetic tokens. Under torchrun it times the distributed
+    step (run.distributed = ddp or fsdp; tokens/s for the whole group, MFU per device).
+    Example: llmctl bench --preset local --set pretrain.batch_size=8 --steps 5 --json
     """
     with user_errors():
         from llmctl.config import load_config
@@ -166,6 +167,8 @@ def bench(
 
         result = run_bench(cfg, steps=steps, warmup=warmup, reference=reference,
                            rounds=rounds if rounds is not None else (3 if reference else 1))
+        if result["rank"] != 0:  # under torchrun: one voice
+            return
         if as_json:
             import json
 
@@ -180,7 +183,9 @@ def bench(
         mfu = f"{result['mfu']:.1%} of {peak_text} ({result['peak_source']})" \
             if result["mfu"] is not None else f"n/a ({result['peak_source']})"
         for key, value in [
-            ("device", f"{result['device']}, {result['dtype']}{', compiled' if result['compiled'] else ''}"),
+            ("device", f"{result['device']}, {result['dtype']}{', compiled' if result['compiled'] else ''}"
+                       + (f", {result['distributed'].upper()} over {result['processes']} process(es)"
+                          if result["distributed"] else "")),
             ("parameters", f"{result['params']:,}"),
             ("tokens per step", f"{result['tokens_per_step']:,} (micro batch {result['micro_batch_size']}, "
                                 f"accumulation {result['accumulation']})"),

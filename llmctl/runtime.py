@@ -248,6 +248,7 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0
     strategy: str = "ddp"  # "ddp" (replicated weights) or "fsdp" (sharded, FSDP2 fully_shard)
+    launched: bool = False  # started by torchrun: distributed even as a group of one
 
     @property
     def is_main(self) -> bool:
@@ -255,16 +256,18 @@ class DistInfo:
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        return self.world_size > 1 or self.launched
 
 
 def init_distributed(device_name: str, strategy: str) -> tuple[DistInfo, torch.device]:
     """Join the process group that `torchrun` describes in the environment (RANK, WORLD_SIZE,
     LOCAL_RANK, MASTER_ADDR/PORT); alone, return rank 0 of 1 and the configured device.
+    `torchrun --nproc_per_node=1` is a group of one that takes the distributed code path
+    (DDP or FSDP2 wrapping, collectives), so a multi-GPU setup can be checked on one device.
 
     Each rank takes GPU `LOCAL_RANK` on CUDA (NCCL); on CPU the ranks talk over gloo."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if world <= 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
         device = resolve_device(device_name)
         configure_device(device)
         return DistInfo(strategy=strategy), device
@@ -280,7 +283,7 @@ def init_distributed(device_name: str, strategy: str) -> tuple[DistInfo, torch.d
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None)
-    info = DistInfo(rank, world, local_rank, strategy)
+    info = DistInfo(rank, world, local_rank, strategy, launched=True)
     configure_device(device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     import atexit
 

@@ -246,8 +246,10 @@ class Trainer:
 
             # Buffers are not re-broadcast each step: every rank builds the same ones (RoPE tables,
             # n-gram counts that may run to hundreds of MB), and none changes in training.
-            self._ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                                broadcast_buffers=False)
+            with warnings.catch_warnings():  # newer torch renames the option; the old one still means this
+                warnings.simplefilter("ignore", FutureWarning)
+                self._ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                    broadcast_buffers=False)
         self.optimizers = build_optimizers(model, cfg, device)
         self.scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
         self.step = 0  # optimizer steps completed
