@@ -158,14 +158,18 @@ def remove_partial_files(run_dir: Path) -> list[Path]:
     return removed
 
 
-def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
-    """Refuse to start over a run's checkpoints unless told to; refuse to resume nothing."""
+def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, existed: bool | None = None) -> None:
+    """Refuse to start over a run's checkpoints unless told to; refuse to resume nothing.
+
+    `existed` says whether the folder was there before this command (its run lock may have
+    just created it); default: whether it is there now."""
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite contradict each other: --resume continues the run "
                           "in its directory, --overwrite deletes it and starts again; pass one")
     existing = all_checkpoints(run_dir)
     if resume and not existing:
-        where = f"{run_dir} holds no checkpoint" if run_dir.is_dir() else f"{run_dir} does not exist"
+        there = run_dir.is_dir() if existed is None else existed
+        where = f"{run_dir} holds no checkpoint" if there else f"{run_dir} does not exist"
         raise LlmctlError(f"nothing to resume: {where}; check --run-name (and run.output_dir), "
                           f"or drop --resume to start a new run")
     if existing and not resume and not overwrite:

@@ -15,8 +15,9 @@ checkpoint; a preset's own `[model]` (meant for pretraining) is ignored, and an 
 Run directory. An SFT run is a run like any other: `<output_dir>/<run_name>/` with
 config.toml, training.log, metrics.jsonl and `<run_name>-sft_step{N}.pt` /
 `<run_name>-sft_final.pt`, the same refusal to start over checkpoints, `--overwrite` and
-`--resume` rules. The default name is the base run's name plus `-sft`; a name whose
-directory holds the `--from` checkpoint is refused (overwriting it would delete the base).
+`--resume` rules, and the same run lock. The default name is the base run's name plus
+`-sft`; a name whose directory holds the `--from` checkpoint is refused (overwriting it
+would delete the base).
 
 Every checkpoint stores the chat template (`template`, a plain dict) and the tokenizer,
 so `llmctl generate` renders a plain prompt exactly as training did. The trainer counts
@@ -49,7 +50,8 @@ from llmctl.data.tokenizer import TextTokenizer
 from llmctl.errors import ConfigError, LlmctlError
 from llmctl.evaluate import evaluate_examples
 from llmctl.model import Transformer
-from llmctl.pretrain import fit_stage, run_dir_of
+from llmctl.pretrain import fit_stage, run_dir_of, say_to
+from llmctl.runlock import hold_run_lock
 from llmctl.runtime import autocast, init_distributed, resolve_dtype, seed_everything
 from llmctl.trainer import Callback, Trainer
 
@@ -230,9 +232,16 @@ def _data_line(data: SFTData, train: list[Example], truncated: int, max_len: int
 def run_sft(cfg: Config, base: Base, console: Console, overwrite: bool = False, resume: bool = False,
             resume_command: str | None = None) -> dict[str, Any]:
     """Fine-tune `base` on cfg.sft.datasets, or with `resume` continue the run's newest SFT
-    checkpoint; returns fit_stage's summary plus example counts and the last logged samples."""
+    checkpoint; returns fit_stage's summary plus example counts and the last logged samples.
+    The run lock is held throughout, as in `llmctl.pretrain.run_pretrain`."""
     run_dir = run_dir_of(cfg)
-    check_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    with hold_run_lock(run_dir, STAGE, say_to(console)) as lock:
+        check_run_dir(run_dir, resume=resume, overwrite=overwrite, existed=lock.existed)
+        return _sft(cfg, base, console, run_dir, overwrite, resume, resume_command)
+
+
+def _sft(cfg: Config, base: Base, console: Console, run_dir: Path, overwrite: bool, resume: bool,
+         resume_command: str | None) -> dict[str, Any]:
     dist_info, device = init_distributed(cfg.run.device, cfg.run.distributed)  # alone: rank 0 of 1
     if not dist_info.is_main:
         console = Console(quiet=True)  # one voice: rank 0 prints, logs and saves
