@@ -113,18 +113,18 @@ def run_dir_of(cfg: Config) -> Path:
     return Path(cfg.run.output_dir).expanduser() / cfg.run.name
 
 
-def run_pretrain(cfg: Config, console: Console, overwrite: bool = False, resume: bool = False,
+def run_pretrain(cfg: Config, console: Console, overwrite: bool = False, resume: bool | str = False,
                  resume_command: str | None = None) -> dict[str, Any]:
-    """Train from scratch, or with `resume` continue from the run's newest checkpoint; returns
-    a summary with the final checkpoint's path. `resume_command` is the command line to show
-    when a signal stops the run.
+    """Train from scratch, or with `resume` continue from the run's newest checkpoint (with
+    `resume="auto"`, only if it has one); returns a summary with the final checkpoint's path.
+    `resume_command` is the command line to show when a signal stops the run.
 
     The run directory's lock is held throughout, taken before anything is read or written
     there, so a second writer is refused before it changes anything; a failure before
     training leaves no folder that only the lock made."""
     run_dir = run_dir_of(cfg)
     with hold_run_lock(run_dir, STAGE, say_to(console)) as lock:
-        check_run_dir(run_dir, resume=resume, overwrite=overwrite, existed=lock.existed)
+        resume = check_run_dir(run_dir, resume=resume, overwrite=overwrite, stage=STAGE, existed=lock.existed)
         return _pretrain(cfg, console, run_dir, overwrite, resume, resume_command)
 
 

@@ -135,7 +135,7 @@ def names_run(preset: str | None, overrides: list[str] | None, run_name: str | N
 
 
 def load_sft_config(preset: str | None, overrides: list[str] | None, run_name: str | None,
-                    from_: str | None, resume: bool = False) -> tuple[Config, Base]:
+                    from_: str | None, resume: bool | str = False) -> tuple[Config, Base]:
     """`llmctl sft`'s options -> (the run's config, the base checkpoint). Without --from,
     sft.from is used; resuming a named run without either, its config.toml says where it began."""
     user = load_config(preset, overrides, run_name)
@@ -229,14 +229,15 @@ def _data_line(data: SFTData, train: list[Example], truncated: int, max_len: int
     return line
 
 
-def run_sft(cfg: Config, base: Base, console: Console, overwrite: bool = False, resume: bool = False,
+def run_sft(cfg: Config, base: Base, console: Console, overwrite: bool = False, resume: bool | str = False,
             resume_command: str | None = None) -> dict[str, Any]:
     """Fine-tune `base` on cfg.sft.datasets, or with `resume` continue the run's newest SFT
-    checkpoint; returns fit_stage's summary plus example counts and the last logged samples.
-    The run lock is held throughout, as in `llmctl.pretrain.run_pretrain`."""
+    checkpoint (with `resume="auto"`, only if it has one); returns fit_stage's summary plus
+    example counts and the last logged samples. The run lock is held throughout, as in
+    `llmctl.pretrain.run_pretrain`."""
     run_dir = run_dir_of(cfg)
     with hold_run_lock(run_dir, STAGE, say_to(console)) as lock:
-        check_run_dir(run_dir, resume=resume, overwrite=overwrite, existed=lock.existed)
+        resume = check_run_dir(run_dir, resume=resume, overwrite=overwrite, stage=STAGE, existed=lock.existed)
         return _sft(cfg, base, console, run_dir, overwrite, resume, resume_command)
 
 

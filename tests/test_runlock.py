@@ -1,5 +1,5 @@
 """Two processes, one run folder: a live run refuses every second writer, a dead one is taken
-over, and a failed start leaves no folder.
+over, `--resume auto` starts or continues, and a failed start leaves no folder.
 
 Real `python -m llmctl` subprocesses on the 1-layer, 32-wide model of small_runs.py. The live
 holder trains for 100,000 steps (saving every 2) and is killed in a finally.
@@ -119,7 +119,7 @@ def test_a_live_run_refuses_every_second_writer(live, folder, env, live_args):
     sft = ["sft", "--from", str(base), "--preset", "tiny", "--run-name", LIVE,
            "--set", f'sft.datasets=["jsonl:{folder / "chat.jsonl"}"]', "--set", "run.device=cpu"]
     attempts = {"fresh": live_args, "overwrite": [*live_args, "--overwrite"], "resume": [*live_args, "--resume"],
-                "sft": sft}
+                "resume auto": [*live_args, "--resume", "auto"], "sft": sft}
     running = {name: start(args, folder, env) for name, args in attempts.items()}  # all at once: 2 cores, not 5
     results = {name: finish(p) for name, p in running.items()}
 
@@ -156,11 +156,31 @@ def test_resume_takes_over_the_lock_of_a_killed_run(live, folder, env, live_args
     assert (run_dir / ".lock").read_text() == ""  # released: no holder named
 
 
+def test_resume_auto_starts_fresh_then_continues(folder, env, shakespeare, small_tok):
+    from llmctl.runs import list_runs
+
+    def auto(steps: int) -> tuple[int, str, str]:
+        return llmctl(small_run_args("elastic", shakespeare, small_tok, "--set", f"pretrain.max_steps={steps}",
+                                     "--resume", "auto"), folder, env)
+
+    code, out, err = auto(4)
+    assert code == 0, err
+    assert "resumed" not in err and "took over" not in err
+    code, out, err = auto(8)
+    assert code == 0, err
+    assert "resumed from elastic-pretrain_final.pt at step 4" in err
+    run_dir = folder / "experiments" / "runs" / "elastic"
+    assert out.strip() == str(Path("experiments/runs/elastic/elastic-pretrain_final.pt"))
+    assert (run_dir / ".lock").read_text() == ""
+    row, = [r for r in list_runs(folder / "experiments" / "runs") if r["name"] == "elastic"]
+    assert row["state"] == "finished" and row["step"] == 8  # the lock file confuses no listing
+
+
 def test_a_start_that_fails_on_bad_input_leaves_no_run_folder(tmp_path, small_tok):
     env = environment(tmp_path / "cache")
     missing = tmp_path / "no-such-book.txt"
     starts = {name: start(small_run_args(name, missing, small_tok, *resume), tmp_path, env)
-              for name, resume in (("fresh", []),)}
+              for name, resume in (("fresh", []), ("auto", ["--resume", "auto"]))}
     for name, proc in starts.items():
         code, out, err = finish(proc)
         assert code != 0 and out == "" and "Traceback" not in err, f"{name}: {err}"
@@ -170,6 +190,20 @@ def test_a_start_that_fails_on_bad_input_leaves_no_run_folder(tmp_path, small_to
 
 
 # --------------------------------------------------------------------------- in-process
+
+def test_resume_auto_and_overwrite_contradict(tmp_path):
+    from llmctl.checkpoint import check_run_dir
+    from llmctl.errors import ConfigError, LlmctlError
+
+    with pytest.raises(ConfigError, match="^--resume auto and --overwrite contradict each other"):
+        check_run_dir(tmp_path, resume="auto", overwrite=True, stage="pretrain")
+    assert check_run_dir(tmp_path, resume="auto", overwrite=False, stage="pretrain") is False
+    (tmp_path / "r-sft_step2.pt").write_bytes(b"")  # another stage's checkpoint: a fresh start's refusal
+    with pytest.raises(LlmctlError, match="already holds 1 checkpoint; pass --resume"):
+        check_run_dir(tmp_path, resume="auto", overwrite=False, stage="pretrain")
+    (tmp_path / "r-pretrain_step2.pt").write_bytes(b"")
+    assert check_run_dir(tmp_path, resume="auto", overwrite=False, stage="pretrain") is True
+
 
 def test_without_flock_the_record_decides(tmp_path, monkeypatch):
     from llmctl.runlock import hold_run_lock, judge_record
