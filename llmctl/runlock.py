@@ -8,20 +8,19 @@ refused before it changes anything, naming the holder.
 The lock is `flock(LOCK_EX | LOCK_NB)` on `.lock`: the kernel drops it when the holder dies
 (kill -9, OOM killer), so a dead run never blocks the next one. The file also records who
 holds it (pid, host, start time, command) for the refusal message, and for a takeover note
-when the holder died without clearing it. On filesystems without flock (some network
-filesystems) the record alone decides: a live process on this host keeps it, a dead one
-is taken over, a process on another host cannot be checked and keeps it until the file is
+when the holder died without clearing it. Without flock (some network filesystems; Windows)
+the record alone decides: a live process on this host keeps it, a dead one is taken over,
+and one that cannot be checked (on another host; any on Windows) keeps it until the file is
 deleted by hand.
 
 Releasing clears the record and keeps the (empty) file: unlinking a flocked file races with
 a process that has it open and would then lock a file no longer in the directory. Only a
 directory that holds nothing but the lock (the command failed before writing anything)
-loses the file, and the folders too if this command created them; acquiring re-checks that the
-path still names the file it locked, so that unlink is safe.
+loses the file, and the folders too if this command created them; acquiring re-checks that
+the path still names the file it locked, so that unlink is safe.
 
 Under `torchrun` only rank 0, the rank that writes, takes the lock. A process that already
 holds a run's lock may take it again (the pipeline holds its run across its stages).
-Imports nothing heavy: this runs before torch is needed.
 """
 
 from __future__ import annotations
@@ -29,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import errno
-import fcntl
 import json
 import os
 import shutil
@@ -41,6 +39,11 @@ from typing import Any
 
 from llmctl.errors import LlmctlError
 from llmctl.runs import now_iso, process_alive, this_process
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, so the record alone decides
+    fcntl = None
 
 LOCK_FILE = ".lock"
 _BUSY = (errno.EWOULDBLOCK, errno.EAGAIN)
@@ -121,6 +124,13 @@ def judge_record(record: dict[str, Any] | None, alive: bool | None) -> str:
     return {True: "alive", False: "dead", None: "unknown"}[alive]
 
 
+def _alive(record: dict[str, Any]) -> bool | None:
+    """Whether the record's process runs (None: cannot tell, e.g. another host)."""
+    if os.name == "nt":
+        return None  # os.kill(pid, 0) would signal the process there, not probe it
+    return process_alive(record)
+
+
 def takeover_note(record: dict[str, Any], alive: bool | None) -> str:
     why = "which is no longer running" if alive is False else "which no longer holds it"
     return f"took over the run lock of {describe(record)}, {why}"
@@ -134,20 +144,24 @@ def _open_locked(path: Path, run_dir: Path) -> tuple[int, bool, dict[str, Any] |
     A releasing process may unlink the file (and rmdir the folder) between our open and our
     flock: then the path no longer names what we locked, and we try again."""
     for _ in range(20):
-        run_dir.mkdir(parents=True, exist_ok=True)
         try:
+            run_dir.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except FileNotFoundError:
             continue  # the folder was removed after our mkdir
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            locked = True
         except OSError as e:
-            if e.errno in _BUSY:
-                record = read_record(fd)
-                os.close(fd)
-                raise in_use(run_dir, record) from None
-            locked = False  # no flock on this filesystem (ENOLCK, EOPNOTSUPP, ...): the record decides
+            raise LlmctlError(f"cannot create the run lock {path}: {e.strerror}; check that run.output_dir "
+                              f"is a folder you can write to") from None
+        locked = False  # no flock (Windows; ENOLCK, EOPNOTSUPP on some network filesystems): the record decides
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                locked = True
+            except OSError as e:
+                if e.errno in _BUSY:
+                    record = read_record(fd)
+                    os.close(fd)
+                    raise in_use(run_dir, record) from None
         try:
             st, mine = os.stat(path), os.fstat(fd)
             same = (st.st_ino, st.st_dev) == (mine.st_ino, mine.st_dev)
@@ -169,20 +183,24 @@ def acquire(run_dir: Path, command: str) -> RunLock:
         return _HELD[key]
     made = _missing_folders(run_dir)
     path = run_dir / LOCK_FILE
-    fd, locked, record = _open_locked(path, run_dir)
+    try:
+        fd, locked, record = _open_locked(path, run_dir)
+    except BaseException:
+        _remove_folders(made)  # only empty ones go: a holder's folder has its lock in it
+        raise
     if record and record.get("pid") == os.getpid() and record.get("host") == socket.gethostname():
         record = None  # this process's own record (released without clearing): nothing to announce
-    alive = process_alive(record) if record else None
-    if not locked:
+    alive = _alive(record) if record else None
+    if not locked:  # best effort: two starts that read an empty record at the same instant both go on
         verdict = judge_record(record, alive)
         if verdict in ("alive", "unknown"):
             os.close(fd)  # the holder's file and folder stay as they are
         if verdict == "alive":
             raise in_use(run_dir, record)
         if verdict == "unknown":
-            raise LlmctlError(f"{run_dir} is in use by {describe(record)} according to {path}; this "
-                              f"filesystem has no file locks, so that host cannot be checked from here: if "
-                              f"that process is really gone, delete {path} and try again")
+            raise LlmctlError(f"{run_dir} is in use by {describe(record)} according to {path}; without file "
+                              f"locks here, llmctl cannot check that process from this machine: if it is "
+                              f"really gone, delete {path} and try again")
     mine = {**this_process(), "started_at": now_iso(), "command": command}
     try:
         _write_record(fd, mine)
