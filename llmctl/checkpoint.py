@@ -158,14 +158,30 @@ def remove_partial_files(run_dir: Path) -> list[Path]:
     return removed
 
 
-def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
-    """Refuse to start over a run's checkpoints unless told to; refuse to resume nothing."""
+RESUME_AUTO = "auto"  # `--resume auto`: resume when the run has a checkpoint of its stage, else start fresh
+
+
+def check_run_dir(run_dir: Path, *, resume: bool | str, overwrite: bool, stage: str | None = None,
+                  existed: bool | None = None) -> bool:
+    """Refuse to start over a run's checkpoints unless told to; refuse to resume nothing.
+
+    Returns whether to resume. `resume=RESUME_AUTO` (needs `stage`) resumes when the run holds a
+    checkpoint of `stage`, and otherwise is a fresh start under a fresh start's rules: elastic
+    restarts (`torchrun --max-restarts`) repeat one command line for the first attempt and the
+    rest. `existed` says whether the folder was there before this command (its run lock may
+    have just created it); default: whether it is there now."""
     if resume and overwrite:
-        raise ConfigError("--resume and --overwrite contradict each other: --resume continues the run "
-                          "in its directory, --overwrite deletes it and starts again; pass one")
+        flag = "--resume auto" if resume == RESUME_AUTO else "--resume"
+        raise ConfigError(f"{flag} and --overwrite contradict each other: {flag} continues the run "
+                          f"in its directory, --overwrite deletes it and starts again; pass one")
+    if resume == RESUME_AUTO:
+        if stage is None:
+            raise ValueError("resume='auto' needs the stage whose checkpoints count")
+        resume = bool(step_checkpoints(run_dir, stage) or list(run_dir.glob(f"*-{stage}_final.pt")))
     existing = all_checkpoints(run_dir)
     if resume and not existing:
-        where = f"{run_dir} holds no checkpoint" if run_dir.is_dir() else f"{run_dir} does not exist"
+        there = run_dir.is_dir() if existed is None else existed
+        where = f"{run_dir} holds no checkpoint" if there else f"{run_dir} does not exist"
         raise LlmctlError(f"nothing to resume: {where}; check --run-name (and run.output_dir), "
                           f"or drop --resume to start a new run")
     if existing and not resume and not overwrite:
@@ -173,6 +189,7 @@ def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
         raise LlmctlError(f"{run_dir} already holds {count}; pass --resume "
                           f"to continue that run, --overwrite to delete it and start again, "
                           f"or choose another --run-name")
+    return bool(resume)
 
 
 def newest_checkpoint(run_dir: Path, stage: str) -> tuple[Path, dict[str, Any], list[str]]:

@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+import typer.core
 
 from llmctl import __version__
-from llmctl.errors import LlmctlError
+from llmctl.errors import ConfigError, LlmctlError
 
 app = typer.Typer(
     name="llmctl",
@@ -88,6 +89,40 @@ def main_callback(
     """Train small language models from scratch: data -> pretrain -> eval -> sft -> generate."""
 
 
+class ResumeCommand(typer.core.TyperCommand):
+    """A command whose `--resume` takes an optional value: `--resume` alone, or `--resume auto`.
+
+    Click has such options (is_flag=False, flag_value=...), but Typer deprecated those two
+    parameters and its bundled parser (Typer 0.29) has no optional values. So a bare
+    `--resume` (last, or followed by another option) is rewritten to `--resume=` before
+    parsing: the empty value means "continue from the newest checkpoint". pretrain and sft
+    take no positional arguments, so a word after `--resume` can only be its value."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        rewritten = list(args)
+        for i, arg in enumerate(args):
+            if arg == "--":
+                break
+            if arg == "--resume" and (i + 1 == len(args) or args[i + 1].startswith("-")):
+                rewritten[i] = "--resume="
+        return super().parse_args(ctx, rewritten)
+
+
+def resume_mode(value: str | None) -> bool | str:
+    """`--resume`'s value -> False (not given), True (continue) or "auto" (continue if possible)."""
+    if value is None:
+        return False
+    if value.strip() == "":
+        return True
+    if value.strip().lower() == "auto":
+        return "auto"
+    raise ConfigError(f"--resume {value}: --resume takes no value (continue from the newest checkpoint) or "
+                      f"'auto' (continue if the run has a checkpoint, else start it); pass one of those")
+
+
+RESUME_HELP = ("--resume auto: continue if the run has a checkpoint of this stage, else start it "
+               "(one command line for every restart of torchrun --max-restarts).")
+
 PresetOption = Annotated[str, typer.Option(
     "--preset", "-p", help="Preset name (tiny, local, gpu) or path to a TOML file.")]
 SetOption = Annotated[Optional[list[str]], typer.Option(
@@ -97,7 +132,7 @@ RunNameOption = Annotated[Optional[str], typer.Option(
     "--run-name", "-n", help="Run directory name under run.output_dir (default: <preset>-<date>-<time>).")]
 
 
-@app.command()
+@app.command(cls=ResumeCommand)
 def pretrain(
     preset: PresetOption = "local",
     run_name: RunNameOption = None,
@@ -106,9 +141,10 @@ def pretrain(
         "--dry-run", help="Print the resolved config and derived numbers, then exit.")] = False,
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Delete the run directory (checkpoints and logs) and start again there.")] = False,
-    resume: Annotated[bool, typer.Option(
-        "--resume", help="Continue the run from its newest checkpoint; pass the same preset and --set "
-                         "values (max_steps, eval/save cadence, lr, grad_clip, device and dtype may change).")] = False,
+    resume: Annotated[Optional[str], typer.Option(
+        "--resume", metavar="[auto]",
+        help="Continue the run from its newest checkpoint; pass the same preset and --set values "
+             "(max_steps, eval/save cadence, lr, grad_clip, device and dtype may change). " + RESUME_HELP)] = None,
 ) -> None:
     """Pretrain a decoder-only transformer from scratch (next-token prediction).
 
@@ -118,6 +154,7 @@ def pretrain(
     with user_errors():
         from llmctl.config import load_config
 
+        mode = resume_mode(resume)
         cfg = load_config(preset, overrides, run_name)
         if dry_run:
             from llmctl.pretrain import dry_run as plan_run
@@ -134,7 +171,7 @@ def pretrain(
 
         from llmctl.pretrain import resume_command, run_pretrain
 
-        summary = run_pretrain(cfg, Console(stderr=True), overwrite=overwrite, resume=resume,
+        summary = run_pretrain(cfg, Console(stderr=True), overwrite=overwrite, resume=mode,
                                resume_command=resume_command(preset, overrides, cfg.run.name))
         if summary["checkpoint"]:  # None on the other ranks of a torchrun job
             typer.echo(summary["checkpoint"])
@@ -407,7 +444,7 @@ def plot(
         typer.echo(result["output"])
 
 
-@app.command()
+@app.command(cls=ResumeCommand)
 def sft(
     from_: Annotated[Optional[str], typer.Option(
         "--from", metavar="CKPT", help="The checkpoint to fine-tune: an llmctl .pt file, or a run directory "
@@ -419,9 +456,10 @@ def sft(
     overrides: SetOption = None,
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Delete this SFT run's directory (checkpoints and logs) and start again there.")] = False,
-    resume: Annotated[bool, typer.Option(
-        "--resume", help="Continue the SFT run from its newest checkpoint; pass the same --run-name, preset and "
-                         "--set values (--from may be left out).")] = False,
+    resume: Annotated[Optional[str], typer.Option(
+        "--resume", metavar="[auto]",
+        help="Continue the SFT run from its newest checkpoint; pass the same --run-name, preset and --set values "
+             "(--from may be left out). " + RESUME_HELP)] = None,
 ) -> None:
     """Instruction-tune a pretrained checkpoint: loss on the replies only, the pretrain trainer and run files.
 
@@ -433,8 +471,9 @@ def sft(
 
         from llmctl.sft import load_sft_config, resume_command, run_sft
 
-        cfg, base = load_sft_config(preset, overrides, run_name, from_, resume)
-        summary = run_sft(cfg, base, Console(stderr=True), overwrite=overwrite, resume=resume,
+        mode = resume_mode(resume)
+        cfg, base = load_sft_config(preset, overrides, run_name, from_, mode)
+        summary = run_sft(cfg, base, Console(stderr=True), overwrite=overwrite, resume=mode,
                           resume_command=resume_command(cfg.sft.from_, preset, overrides, cfg.run.name))
         if summary["checkpoint"]:  # None on the other ranks of a torchrun job
             typer.echo(summary["checkpoint"])

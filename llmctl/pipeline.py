@@ -19,6 +19,9 @@ stage): which pretrain checkpoint the SFT stage started from, and the eval and s
 results with the identity (size, mtime) of the checkpoints they describe, so a rerun repeats
 them only for new weights. A finished stage whose saved config differs from this run's in
 a key that changes what is trained is refused with one line (as `--resume` refuses it).
+
+The pipeline holds its run directory's lock (`llmctl.runlock`) from start to end, since it
+writes pipeline.json there between stages; the SFT run directory is locked by its stage.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import copy
 import json
 import os
 import shlex
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +43,8 @@ from llmctl.config import Config, config_from_dict
 from llmctl.data.sources import check_sources
 from llmctl.data.sft import check_sft_sources
 from llmctl.errors import ConfigError, LlmctlError
-from llmctl.pretrain import run_dir_of, run_pretrain
+from llmctl.pretrain import run_dir_of, run_pretrain, say_to
+from llmctl.runlock import hold_run_lock
 
 RECORD = "pipeline.json"
 STAGES = ("data", "pretrain", "sft", "eval", "samples")
@@ -181,14 +186,22 @@ def make_samples(pretrain_path: Path, sft_path: Path, cfg: Config) -> dict[str, 
 def run_pipeline(cfg: Config, console: Console, overrides: list[str] | None = None,
                  command: str | None = None) -> dict[str, Any]:
     """Run every stage that is not complete; returns the summary (`summary_rows` renders it)."""
+    check_sources(cfg.data.datasets)  # every spec and file checked before hours of pretraining
+    check_sft_sources(cfg.sft.datasets)
+    say = say_to(console)
+    run_dir = run_dir_of(cfg)
+    # The pipeline writes pipeline.json and the eval results here between stages, so it holds
+    # the run's lock throughout; run_pretrain takes it again (same process), run_sft its own.
+    with hold_run_lock(run_dir, "pipeline", say):
+        return _pipeline(cfg, console, say, run_dir, overrides, command)
+
+
+def _pipeline(cfg: Config, console: Console, say: Callable[[str], None], run_dir: Path,
+              overrides: list[str] | None, command: str | None) -> dict[str, Any]:
     from llmctl.data.report import prepare_data
     from llmctl.sft import load_base, run_sft, sft_config
 
-    check_sources(cfg.data.datasets)  # every spec and file checked before hours of pretraining
-    check_sft_sources(cfg.sft.datasets)
-    say = lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
     name = cfg.run.name
-    run_dir = run_dir_of(cfg)
     record = read_record(run_dir)
     status: dict[str, str] = {}
 

@@ -1,13 +1,13 @@
 """`llmctl pretrain`: config -> tokenizer -> token store -> model -> Trainer.fit -> checkpoints.
 
-Everything that can fail on bad input (tokenizer, data, sizes) runs before the run
-directory is created, so a mistake leaves nothing behind.
+Everything that can fail on bad input (tokenizer, data, sizes) runs before anything is
+written to the run directory, so a mistake leaves nothing behind. The run lock
+(`llmctl.runlock`) is taken first, which may create the folder; a failed start removes it again.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +29,7 @@ from llmctl.errors import ConfigError, LlmctlError
 from llmctl.evaluate import bits_per_byte, evaluate_tokens, stream_bytes
 from llmctl.model import Transformer
 from llmctl.progress import MetricsCallback, ProgressCallback, RunLog
+from llmctl.runlock import held, hold_run_lock, keep_lock_only
 from llmctl.runtime import (DistInfo, autocast, barrier, init_distributed, resolve_compile, resolve_dtype,
                             seed_everything)
 from llmctl.trackers import Reporting, check_trackers
@@ -112,13 +113,27 @@ def run_dir_of(cfg: Config) -> Path:
     return Path(cfg.run.output_dir).expanduser() / cfg.run.name
 
 
-def run_pretrain(cfg: Config, console: Console, overwrite: bool = False, resume: bool = False,
+def run_pretrain(cfg: Config, console: Console, overwrite: bool = False, resume: bool | str = False,
                  resume_command: str | None = None) -> dict[str, Any]:
-    """Train from scratch, or with `resume` continue from the run's newest checkpoint; returns
-    a summary with the final checkpoint's path. `resume_command` is the command line to show
-    when a signal stops the run."""
+    """Train from scratch, or with `resume` continue from the run's newest checkpoint (with
+    `resume="auto"`, only if it has one); returns a summary with the final checkpoint's path.
+    `resume_command` is the command line to show when a signal stops the run.
+
+    The run directory's lock is held throughout, taken before anything is read or written
+    there, so a second writer is refused before it changes anything; a failure before
+    training leaves no folder that only the lock made."""
     run_dir = run_dir_of(cfg)
-    check_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    with hold_run_lock(run_dir, STAGE, say_to(console)) as lock:
+        resume = check_run_dir(run_dir, resume=resume, overwrite=overwrite, stage=STAGE, existed=lock.existed)
+        return _pretrain(cfg, console, run_dir, overwrite, resume, resume_command)
+
+
+def say_to(console: Console) -> Callable[[str], None]:
+    return lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+def _pretrain(cfg: Config, console: Console, run_dir: Path, overwrite: bool, resume: bool,
+              resume_command: str | None) -> dict[str, Any]:
     check_trackers(cfg.run.report_to)  # a missing tensorboard/wandb is named before the slow data work
     dist_info, device = init_distributed(cfg.run.device, cfg.run.distributed)  # alone: rank 0 of 1
     if not dist_info.is_main:
@@ -192,7 +207,8 @@ def fit_stage(cfg: Config, stage: str, console: Console, *, model: torch.nn.Modu
     directory (deleted first with `overwrite`), config.toml, the progress display and
     training.log, metrics.jsonl, `<run>-<stage>_*.pt` checkpoints (plus `checkpoint_extra`
     keys), the Trainer on `getattr(cfg, stage)`, resume from `point` (its state is consumed),
-    and the one-line account of a stop. Call it only when every input has been checked.
+    and the one-line account of a stop. Call it only when every input has been checked, holding
+    the run's lock (`llmctl.runlock.hold_run_lock`; rank 0 only under torchrun).
 
     `callbacks(say)` adds stage-specific callbacks that write through the progress display;
     `seq_len` is the tokens one sequence counts for (default the context length)."""
@@ -201,13 +217,18 @@ def fit_stage(cfg: Config, stage: str, console: Console, *, model: torch.nn.Modu
     run_dir = run_dir_of(cfg)
     check_trackers(cfg.run.report_to)
     barrier(dist_info)  # every rank has checked the run directory before rank 0 changes it
+    lock = held(run_dir)
+    if dist_info.is_main and lock is None:
+        raise RuntimeError(f"fit_stage writes {run_dir} without its run lock; call it inside hold_run_lock")
     if dist_info.is_main:
         if overwrite and run_dir.is_dir():
-            shutil.rmtree(run_dir)
+            keep_lock_only(run_dir)  # the lock stays held: no second writer slips in while this one restarts
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(run_dir / "config.toml", cfg.to_toml())
     progress = ProgressCallback(console, RunLog(run_dir / "training.log" if dist_info.is_main else None),
                                 title=f"{cfg.run.name} {stage}")
+    if lock is not None and lock.note:
+        progress.log.write(lock.note)  # the console had it when the lock was taken; the log keeps it
     checkpoints = CheckpointCallback(run_dir, cfg, stage, tokenizer, data_meta, train_cfg.keep_last,
                                      extra=checkpoint_extra)
     reporting = Reporting(cfg, run_dir, stage, progress.say, progress.log.write)  # status.json, trackers, loss.png

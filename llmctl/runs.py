@@ -17,6 +17,7 @@ Everything else — steps, tokens, validation perplexity, wall time — comes fr
 metrics.jsonl, which already survives resumes without duplicates (see `llmctl.progress`).
 This module imports neither torch nor the checkpoint code, so `llmctl runs` is instant; the
 checkpoint file name pattern is repeated here for that reason (`checkpoint.checkpoint_path`).
+A run's `.lock` (its writer's lock, see `llmctl.runlock`) matches none of these files and is ignored.
 """
 
 from __future__ import annotations

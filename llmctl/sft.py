@@ -15,8 +15,9 @@ checkpoint; a preset's own `[model]` (meant for pretraining) is ignored, and an 
 Run directory. An SFT run is a run like any other: `<output_dir>/<run_name>/` with
 config.toml, training.log, metrics.jsonl and `<run_name>-sft_step{N}.pt` /
 `<run_name>-sft_final.pt`, the same refusal to start over checkpoints, `--overwrite` and
-`--resume` rules. The default name is the base run's name plus `-sft`; a name whose
-directory holds the `--from` checkpoint is refused (overwriting it would delete the base).
+`--resume` rules, and the same run lock. The default name is the base run's name plus
+`-sft`; a name whose directory holds the `--from` checkpoint is refused (overwriting it
+would delete the base).
 
 Every checkpoint stores the chat template (`template`, a plain dict) and the tokenizer,
 so `llmctl generate` renders a plain prompt exactly as training did. The trainer counts
@@ -49,7 +50,8 @@ from llmctl.data.tokenizer import TextTokenizer
 from llmctl.errors import ConfigError, LlmctlError
 from llmctl.evaluate import evaluate_examples
 from llmctl.model import Transformer
-from llmctl.pretrain import fit_stage, run_dir_of
+from llmctl.pretrain import fit_stage, run_dir_of, say_to
+from llmctl.runlock import hold_run_lock
 from llmctl.runtime import autocast, init_distributed, resolve_dtype, seed_everything
 from llmctl.trainer import Callback, Trainer
 
@@ -133,7 +135,7 @@ def names_run(preset: str | None, overrides: list[str] | None, run_name: str | N
 
 
 def load_sft_config(preset: str | None, overrides: list[str] | None, run_name: str | None,
-                    from_: str | None, resume: bool = False) -> tuple[Config, Base]:
+                    from_: str | None, resume: bool | str = False) -> tuple[Config, Base]:
     """`llmctl sft`'s options -> (the run's config, the base checkpoint). Without --from,
     sft.from is used; resuming a named run without either, its config.toml says where it began."""
     user = load_config(preset, overrides, run_name)
@@ -227,12 +229,20 @@ def _data_line(data: SFTData, train: list[Example], truncated: int, max_len: int
     return line
 
 
-def run_sft(cfg: Config, base: Base, console: Console, overwrite: bool = False, resume: bool = False,
+def run_sft(cfg: Config, base: Base, console: Console, overwrite: bool = False, resume: bool | str = False,
             resume_command: str | None = None) -> dict[str, Any]:
     """Fine-tune `base` on cfg.sft.datasets, or with `resume` continue the run's newest SFT
-    checkpoint; returns fit_stage's summary plus example counts and the last logged samples."""
+    checkpoint (with `resume="auto"`, only if it has one); returns fit_stage's summary plus
+    example counts and the last logged samples. The run lock is held throughout, as in
+    `llmctl.pretrain.run_pretrain`."""
     run_dir = run_dir_of(cfg)
-    check_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    with hold_run_lock(run_dir, STAGE, say_to(console)) as lock:
+        resume = check_run_dir(run_dir, resume=resume, overwrite=overwrite, stage=STAGE, existed=lock.existed)
+        return _sft(cfg, base, console, run_dir, overwrite, resume, resume_command)
+
+
+def _sft(cfg: Config, base: Base, console: Console, run_dir: Path, overwrite: bool, resume: bool,
+         resume_command: str | None) -> dict[str, Any]:
     dist_info, device = init_distributed(cfg.run.device, cfg.run.distributed)  # alone: rank 0 of 1
     if not dist_info.is_main:
         console = Console(quiet=True)  # one voice: rank 0 prints, logs and saves

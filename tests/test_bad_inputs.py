@@ -381,13 +381,17 @@ def _checkpoint_files(f: Files) -> None:
 
 
 def snapshot(root: Path) -> dict[str, tuple]:
-    """Every path under root: (kind, size, mtime_ns, sha256) — a created, changed or deleted file shows."""
+    """Every path under root: (kind, size, mtime_ns, sha256) — a created, changed or deleted file shows.
+
+    A run's `.lock` is compared by its bytes only: every training command writes its holder
+    record there before checking anything else, and clears it when it fails."""
     tree = {}
     for p in sorted(root.rglob("*")):
         st = p.lstat()
         digest = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else ""
+        mtime = st.st_mtime_ns if p.is_file() and p.name != ".lock" else 0
         tree[str(p.relative_to(root))] = ("dir" if p.is_dir() else "file", st.st_size if p.is_file() else 0,
-                                          st.st_mtime_ns if p.is_file() else 0, digest)
+                                          mtime, digest)
     return tree
 
 
