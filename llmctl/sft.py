@@ -275,7 +275,7 @@ def run_sft(cfg: Config, base: Base, console: Console, overwrite: bool = False, 
 
     def evaluate() -> dict[str, float]:
         return evaluate_examples(model, validation, eval_batch, device, autocast(device, dtype),
-                                 tokenizer.eos_id, cfg.eval.max_tokens)
+                                 tokenizer.eos_id, cfg.eval.max_tokens, dist=dist_info)
 
     samples: list[SampleCallback] = []
 
