@@ -320,12 +320,21 @@ def _doubled(duration: str) -> str:
 
 
 def check_same_data(point: ResumePoint, data_meta: dict[str, Any]) -> None:
-    """The data position only means something on the same token stream."""
-    then = point.state.get("data", {}).get("tokens", {}).get("train")
+    """The data position only means something on the same token stream: the token count and
+    the fingerprint (a hash of the training data's content: `TokenStore.train_fingerprint`,
+    `llmctl.data.sft.examples_fingerprint`) must match the checkpoint's. A checkpoint saved
+    before fingerprints were is checked on its token count alone."""
+    saved = point.state.get("data", {})
+    then = saved.get("tokens", {}).get("train")
     now = data_meta.get("tokens", {}).get("train")
     if then is not None and now is not None and then != now:
         raise LlmctlError(f"cannot resume from {point.path}: the training data changed since it was saved "
                           f"({then:,} train tokens then, {now:,} now — an edited or replaced file?); "
+                          f"restore the data, or start a new run with another --run-name")
+    then, now = saved.get("fingerprint"), data_meta.get("fingerprint")
+    if then is not None and now is not None and then != now:
+        raise LlmctlError(f"cannot resume from {point.path}: the training data changed since it was saved "
+                          f"(the same token count, different content — an edited or replaced file?); "
                           f"restore the data, or start a new run with another --run-name")
 
 
@@ -396,7 +405,8 @@ class CheckpointCallback(Callback):
             "stage": self.stage,
             "config": self.cfg.to_dict(),
             "tokenizer": self.tokenizer.to_state(),
-            "data": {"sources": self.data_meta["sources"], "tokens": self.data_meta["tokens"]},
+            "data": {"sources": self.data_meta["sources"], "tokens": self.data_meta["tokens"],
+                     **({"fingerprint": self.data_meta["fingerprint"]} if "fingerprint" in self.data_meta else {})},
             **self.extra,
             **trainer.state_dict(),
         })

@@ -26,7 +26,7 @@ import math
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
@@ -85,28 +85,64 @@ def scored_windows(tokens: np.ndarray | Iterable[np.ndarray], seq_len: int, stri
         yield buf[start - offset:], total - 1 - scored
 
 
-def _batches(windows: Iterator[tuple[np.ndarray, int]], batch_size: int
-             ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(x, y) of shape (B, T); targets already scored by an earlier window are -100 (ignored).
-    Only the last window can be shorter, and it comes in a batch of its own."""
+def _window_groups(windows: Iterator[tuple[np.ndarray, int]], batch_size: int
+                   ) -> Iterator[list[tuple[np.ndarray, int]]]:
+    """Windows grouped into batches of up to batch_size equal-length windows. Only the last
+    window can be shorter, and it comes in a group of its own."""
     pending: list[tuple[np.ndarray, int]] = []
-
-    def emit() -> tuple[torch.Tensor, torch.Tensor]:
-        w = torch.from_numpy(np.stack([win for win, _ in pending]))  # (B, T + 1)
-        x, y = w[:, :-1], w[:, 1:].clone()
-        for row, (win, n_scored) in enumerate(pending):
-            y[row, : len(win) - 1 - n_scored] = IGNORE_INDEX
-        pending.clear()
-        return x, y
-
     for win, n_scored in windows:
         if pending and len(win) != len(pending[0][0]):
-            yield emit()
+            yield pending
+            pending = []
         pending.append((win, n_scored))
         if len(pending) == batch_size:
-            yield emit()
+            yield pending
+            pending = []
     if pending:
-        yield emit()
+        yield pending
+
+
+def _window_batch(group: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y) of shape (B, T); targets already scored by an earlier window are -100 (ignored)."""
+    w = torch.from_numpy(np.stack([win for win, _ in group]))  # (B, T + 1)
+    x, y = w[:, :-1], w[:, 1:].clone()
+    for row, (win, n_scored) in enumerate(group):
+        y[row, : len(win) - 1 - n_scored] = IGNORE_INDEX
+    return x, y
+
+
+def dummy_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """A (1, 1) batch whose one target is ignored: a forward pass that scores nothing."""
+    return torch.zeros(1, 1, dtype=torch.long), torch.full((1, 1), IGNORE_INDEX, dtype=torch.long)
+
+
+Group = TypeVar("Group")
+
+
+def rank_share(groups: Iterable[Group], rank: int = 0, world_size: int = 1) -> Iterator[Group | None]:
+    """Batch i of the stream goes to rank i % world_size; then None (a dummy batch to run)
+    until this rank has as many as every other, ceil(n / world_size).
+
+    Equal counts matter under FSDP: every forward all-gathers each block's shards, a
+    collective, so a rank with one forward more than the others would wait forever. Every
+    rank reads the same stream, so each knows n without communicating."""
+    n, mine = 0, 0
+    for i, group in enumerate(groups):
+        n = i + 1
+        if i % world_size == rank:
+            mine += 1
+            yield group
+    for _ in range(-(-n // world_size) - mine):  # at most one
+        yield None
+
+
+def rank_batches(windows: Iterator[tuple[np.ndarray, int]], batch_size: int, rank: int = 0,
+                 world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's (x, y) batches of a window stream (see rank_share): every rank gets the
+    same number of batches, a rank short of one a dummy_batch(), and over all ranks every
+    scored target is in exactly one batch. Only this rank's batches are stacked."""
+    for group in rank_share(_window_groups(windows, batch_size), rank, world_size):
+        yield dummy_batch() if group is None else _window_batch(group)
 
 
 @torch.no_grad()
@@ -118,24 +154,38 @@ def evaluate_tokens(model: torch.nn.Module, tokens: np.ndarray | Iterable[np.nda
     its first `max_tokens` targets. `model(x, y, reduction="sum")` must return the summed
     cross-entropy of the targets that are not -100 (llmctl's Transformer does).
 
-    With `dist` (a torchrun job), rank r scores windows r, r + world, ... and the sums are
-    added over ranks, so every rank returns the same numbers as one process would."""
+    With `dist` (a torchrun job), rank r scores batches r, r + world, ... (every rank runs
+    the same number of forwards, see rank_share) and the sums are added over ranks, so every
+    rank returns the same numbers as one process would."""
     was_training = model.training
     model.eval()
     total_loss, total_tokens = 0.0, 0
     start = time.perf_counter()
     windows = scored_windows(tokens, seq_len, stride, max_tokens)
-    if dist is not None and dist.enabled:
-        windows = (w for i, w in enumerate(windows) if i % dist.world_size == dist.rank)
+    rank, world = (dist.rank, dist.world_size) if dist is not None and dist.enabled else (0, 1)
     try:
-        for x, y in _batches(windows, batch_size):
-            total_tokens += int((y != IGNORE_INDEX).sum())  # counted on the CPU: no extra device sync
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast or contextlib.nullcontext():
-                loss_sum = model(x, y, reduction="sum")
-            total_loss += float(loss_sum)
+        for x, y in rank_batches(windows, batch_size, rank, world):
+            total_loss, total_tokens = _score(model, x, y, device, autocast, total_loss, total_tokens)
     finally:
         model.train(was_training)
+    return _result(total_loss, total_tokens, start, dist)
+
+
+def _score(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
+           autocast: contextlib.AbstractContextManager | None, total_loss: float,
+           total_tokens: int) -> tuple[float, int]:
+    """One forward of (x, y), (B, T) each, its summed loss and scored targets added to the totals."""
+    scored = int((y != IGNORE_INDEX).sum())  # counted on the CPU: no extra device sync
+    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    with autocast or contextlib.nullcontext():
+        loss_sum = model(x, y, reduction="sum")
+    if scored:  # a dummy batch only keeps this rank in step with the others
+        total_loss += float(loss_sum)
+    return total_loss, total_tokens + scored
+
+
+def _result(total_loss: float, total_tokens: int, start: float, dist: "DistInfo | None") -> dict[str, float]:
+    """The totals summed over ranks (distributed), divided once."""
     if dist is not None and dist.enabled:
         from llmctl.runtime import all_ranks_sum
 
@@ -150,12 +200,15 @@ def evaluate_tokens(model: torch.nn.Module, tokens: np.ndarray | Iterable[np.nda
 @torch.no_grad()
 def evaluate_examples(model: torch.nn.Module, examples: list[Any], batch_size: int, device: torch.device,
                       autocast: contextlib.AbstractContextManager | None = None, pad_id: int = 0,
-                      max_tokens: int = 0) -> dict[str, float]:
+                      max_tokens: int = 0, dist: "DistInfo | None" = None) -> dict[str, float]:
     """Response-only loss over SFT examples (`llmctl.data.sft.Example`): the summed loss of
     every target that is not IGNORE (reply tokens and their end-of-text; prompt and padding
     targets are -100) divided once by their count, so it is exact whatever the batching.
     Examples are batched by length to waste little on padding; `max_tokens` > 0 stops after
-    the example that reaches that many scored targets. Same result keys as evaluate_tokens."""
+    the example that reaches that many scored targets. Same result keys as evaluate_tokens.
+
+    With `dist`, the batches are dealt to ranks as in evaluate_tokens (same forward count on
+    every rank) and the sums added over ranks."""
     from llmctl.data.sft import IGNORE, pad_batch
 
     was_training = model.training
@@ -169,18 +222,16 @@ def evaluate_examples(model: torch.nn.Module, examples: list[Any], batch_size: i
     chosen.sort(key=lambda e: len(e.input_ids))
     total_loss, total_tokens = 0.0, 0
     start = time.perf_counter()
+    rank, world = (dist.rank, dist.world_size) if dist is not None and dist.enabled else (0, 1)
+    groups = (chosen[i: i + batch_size] for i in range(0, len(chosen), batch_size))
     try:
-        for i in range(0, len(chosen), batch_size):
-            x, y = pad_batch(chosen[i: i + batch_size], pad_id)  # (B, T_max), padding targets IGNORE
-            total_tokens += int((y != IGNORE).sum())
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast or contextlib.nullcontext():
-                total_loss += float(model(x, y, reduction="sum"))
+        for group in rank_share(groups, rank, world):
+            # (B, T_max), padding targets IGNORE
+            x, y = dummy_batch() if group is None else pad_batch(group, pad_id)
+            total_loss, total_tokens = _score(model, x, y, device, autocast, total_loss, total_tokens)
     finally:
         model.train(was_training)
-    mean = total_loss / max(total_tokens, 1)
-    return {"loss": mean, "perplexity": math.exp(min(mean, 700.0)), "tokens": total_tokens,
-            "loss_sum": total_loss, "seconds": time.perf_counter() - start}
+    return _result(total_loss, total_tokens, start, dist)
 
 
 def response_bytes(examples: list[Any], tokenizer: "TextTokenizer", max_tokens: int = 0) -> int:

@@ -156,8 +156,9 @@ def _pretrain(cfg: Config, console: Console, run_dir: Path, overwrite: bool, res
     if len(train_tokens) < seq_len + 1:
         raise LlmctlError(f"only {len(train_tokens)} training tokens, fewer than one training sequence of "
                           f"{seq_len} + 1 tokens; add data or lower pretrain.seq_len (or model.max_seq_len)")
+    data_meta = {**store.meta, "fingerprint": store.train_fingerprint()}  # saved in every checkpoint
     if point is not None:
-        check_same_data(point, store.meta)
+        check_same_data(point, data_meta)
 
     seed_everything(cfg.run.seed)
     model = Transformer(cfg.model).to(device)
@@ -192,7 +193,7 @@ def _pretrain(cfg: Config, console: Console, run_dir: Path, overwrite: bool, res
                      f"evaluation and generation (model.ngram_weight {cfg.model.ngram_weight}, "
                      f"model.cache_weight {cfg.model.cache_weight})")
     return fit_stage(cfg, STAGE, console, model=model, batches=batches, evaluate=evaluate, tokenizer=tokenizer,
-                     data_meta=store.meta, device=device, dtype=dtype, point=point, intro=intro,
+                     data_meta=data_meta, device=device, dtype=dtype, point=point, intro=intro,
                      overwrite=overwrite, resume_command=resume_command, dist_info=dist_info)
 
 

@@ -45,7 +45,8 @@ from llmctl.checkpoint import (check_run_dir, check_same_data, find_resume_point
                                step_checkpoints)
 from llmctl.config import Config, config_from_dict, find_preset, load_config, parse_override, read_toml, validate
 from llmctl.data.sft import (IGNORE, ChatTemplate, Example, ExampleBatches, Message, SFTData, conversation,
-                             encode_example, encode_examples, load_sft_data, prompt_ids, record_at)
+                             encode_example, encode_examples, examples_fingerprint, load_sft_data, prompt_ids,
+                             record_at)
 from llmctl.data.tokenizer import TextTokenizer
 from llmctl.errors import ConfigError, LlmctlError
 from llmctl.evaluate import evaluate_examples
@@ -263,7 +264,8 @@ def _sft(cfg: Config, base: Base, console: Console, run_dir: Path, overwrite: bo
     truncated = sum(e.truncated for e in train)
     meta = {"sources": data.sources,
             "tokens": {"train": sum(len(e.input_ids) for e in train),
-                       "validation": sum(len(e.input_ids) for e in validation)}}
+                       "validation": sum(len(e.input_ids) for e in validation)},
+            "fingerprint": examples_fingerprint(train)}  # changed conversations of equal length too
     if point is not None:
         check_same_data(point, meta)
 
@@ -285,7 +287,7 @@ def _sft(cfg: Config, base: Base, console: Console, run_dir: Path, overwrite: bo
 
     def evaluate() -> dict[str, float]:
         return evaluate_examples(model, validation, eval_batch, device, autocast(device, dtype),
-                                 tokenizer.eos_id, cfg.eval.max_tokens)
+                                 tokenizer.eos_id, cfg.eval.max_tokens, dist=dist_info)
 
     samples: list[SampleCallback] = []
 

@@ -244,6 +244,74 @@ def test_train_tokenizer_is_cached_and_travels_with_the_store(tmp_path, corpus, 
         resolve_tokenizer(DataConfig(datasets=cfg.datasets, tokenizer="train:12", cache_dir=str(tmp_path)))
 
 
+def first_held_out_document(docs: list[str], tok, train_tokens: int) -> int:
+    """Index of the first document with a token in the validation tail (which starts at token
+    `train_tokens` of the source's packed stream: each document's ids, then EOS)."""
+    ends = np.cumsum([len(ids) + 1 for ids in tok.encode_batch(docs)])
+    return int(np.searchsorted(ends, train_tokens, side="right"))
+
+
+@pytest.mark.parametrize("fraction", [0.05, 0.2])
+def test_train_tokenizer_sample_leaves_out_every_held_out_document(tmp_path, corpus, fraction):
+    """A train:V tokenizer fit on the validation tail would flatter the validation loss: the
+    fitting sample is a prefix of each source that stops before its first held-out document."""
+    from llmctl.data.bpe import SAMPLE_CHARS, sample_documents
+
+    cfg = DataConfig(datasets=[f"text:{corpus['text']}", f"jsonl:{corpus['jsonl']}#content",
+                               f"parquet:{corpus['parquet']}/*.parquet"],
+                     tokenizer="train:400", validation_fraction=fraction, cache_dir=str(tmp_path))
+    tok = resolve_tokenizer(cfg)
+    store = prepare_store(cfg, tok)
+    specs = check_sources(cfg.datasets)
+    samples = []
+    for si, spec in enumerate(specs):
+        docs = list(iter_documents(spec))
+        first_held = first_held_out_document(docs, tok, store.meta["sources"][si]["train"]["tokens"])
+        assert 0 < first_held < len(docs)
+        sample = list(sample_documents([spec], SAMPLE_CHARS, fraction))
+        # a prefix of the documents that ends before the first held-out one (by position:
+        # WikiText repeats headings, so equal text may well be in both splits)
+        assert sample == docs[: len(sample)] and len(sample) <= first_held, (spec.raw, len(sample), first_held)
+        assert len(sample) > 0.5 * first_held  # the margin leaves most of the training text in
+        samples += sample
+    assert list(sample_documents(specs, SAMPLE_CHARS, fraction)) == samples  # what the tokenizer was fit on
+    # the old cache (a sample that could reach into validation) is not reused, nor one made
+    # for another hold-out
+    other = resolve_tokenizer(DataConfig(datasets=cfg.datasets, tokenizer="train:400", cache_dir=str(tmp_path),
+                                         validation_fraction=0.1))
+    assert len(list(tmp_path.glob("tokenizer-*"))) == 2 and other.vocab_size == 400
+
+
+def test_train_tokenizer_sample_of_one_document_stops_before_its_held_out_text(tmp_path, shakespeare):
+    """One document: the store cuts its token stream, and the sample is a head of the training part."""
+    from llmctl.data.bpe import SAMPLE_CHARS, sample_documents
+
+    one = tmp_path / "one.txt"
+    one.write_text(" ".join(shakespeare.read_text()[:20_000].split()))  # no blank lines: one document
+    cfg = DataConfig(datasets=[f"text:{one}"], tokenizer="train:300", cache_dir=str(tmp_path / "c"))
+    tok = resolve_tokenizer(cfg)
+    store = prepare_store(cfg, tok)
+    train_text = tok.decode(store.tokens("train").tolist())
+    [sample] = list(sample_documents(check_sources(cfg.datasets), SAMPLE_CHARS, cfg.validation_fraction))
+    assert train_text.startswith(sample) and 0.8 * len(train_text) < len(sample) < len(train_text)
+
+
+def test_a_run_with_a_train_tokenizer_trains_and_evaluates(tmp_path, shakespeare, monkeypatch):
+    from typer.testing import CliRunner
+
+    from llmctl.cli import app
+    from small_runs import small_run_args
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LLMCTL_CACHE", str(tmp_path / "cache"))
+    result = CliRunner().invoke(app, small_run_args("bpe", shakespeare, "train:300", "--set", "pretrain.max_steps=4"))
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (tmp_path / "experiments/runs/bpe/metrics.jsonl").read_text().splitlines()]
+    val = [r["val_loss"] for r in records if r["type"] == "eval"]
+    assert val and all(0 < v < np.log(300) + 1 for v in val)
+    assert "training a byte-level BPE tokenizer of 300 tokens" in result.stderr
+
+
 def test_bad_inputs_cache_nothing(tmp_path, gpt2):
     late = tmp_path / "late.jsonl"
     late.write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(50)) + '{"other": 1}\n')

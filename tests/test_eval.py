@@ -20,7 +20,9 @@ import torch.nn.functional as F
 from conftest import PYTHON
 from llmctl.config import ModelConfig
 from llmctl.errors import ConfigError
-from llmctl.evaluate import bits_per_byte, evaluate_model, evaluate_tokens, scored_windows, stream_bytes
+from llmctl.cross_entropy import IGNORE_INDEX
+from llmctl.evaluate import (bits_per_byte, evaluate_model, evaluate_tokens, rank_batches, rank_share, scored_windows,
+                             stream_bytes)
 from llmctl.model import Transformer
 
 CPU = torch.device("cpu")
@@ -68,6 +70,38 @@ def test_every_token_after_the_first_is_scored_exactly_once(n, L, S, chunk):
         first = int(scored[0])
         assert first - int(window[0]) >= min(first, L - S) or int(window[0]) == 0
     assert counts == Counter(range(1, n))
+
+
+@pytest.mark.parametrize("world", [2, 3, 4, 8])
+def test_ranks_get_equal_batch_counts_and_together_score_every_target_once(world):
+    """Under FSDP every forward is a collective, so every rank must run the same number; the
+    split must still cover each scored target exactly once. Tokens are 0..n-1, so a target's
+    value is its position in the stream."""
+    for n in [2, 3, 17, 18, 33, 34, 50, 65, 66, 97, 130, 200]:
+        for L, S in [(16, 16), (16, 5), (8, 8)]:
+            for batch_size in [1, 2, 3, 4, 5]:
+                for max_tokens in [0, 40]:
+                    counts: Counter[int] = Counter()
+                    per_rank = []
+                    for rank in range(world):
+                        batches = list(rank_batches(scored_windows(np.arange(n), L, S, max_tokens), batch_size,
+                                                    rank, world))
+                        per_rank.append(len(batches))
+                        for x, y in batches:
+                            assert x.shape == y.shape and x.shape[0] <= batch_size
+                            counts.update(y[y != IGNORE_INDEX].tolist())
+                    case = (n, L, S, batch_size, max_tokens)
+                    alone = len(list(rank_batches(scored_windows(np.arange(n), L, S, max_tokens), batch_size)))
+                    assert per_rank == [-(-alone // world)] * world, case
+                    last = min(n - 1, max_tokens) if max_tokens else n - 1
+                    assert counts == Counter(range(1, last + 1)), case
+
+
+def test_rank_share_deals_batches_round_robin_and_pads_with_none():
+    assert [list(rank_share(range(5), r, 2)) for r in range(2)] == [[0, 2, 4], [1, 3, None]]
+    assert [list(rank_share(range(2), r, 4)) for r in range(4)] == [[0], [1], [None], [None]]
+    assert [list(rank_share([], r, 3)) for r in range(3)] == [[], [], []]
+    assert list(rank_share(range(3))) == [0, 1, 2]
 
 
 def test_max_tokens_caps_the_targets():

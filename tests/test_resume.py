@@ -159,6 +159,41 @@ def test_resume_refuses_changed_training_data(work, shakespeare, small_tok):
     assert result.exit_code == 1 and "the training data changed since it was saved" in result.stderr
 
 
+def swap_first_two_lines(text: str) -> str:
+    """The first paragraph's first two lines swapped: other text, the same words and pieces."""
+    first, rest = text.split("\n\n", 1)
+    lines = first.split("\n")
+    return "\n".join([lines[1], lines[0], *lines[2:]]) + "\n\n" + rest
+
+
+def test_resume_refuses_changed_training_data_of_the_same_token_count(work, shakespeare, small_tok):
+    text = work / "book.txt"
+    original = shakespeare.read_text()[:20000]
+    text.write_text(original)
+    args = small_run_args("same", text, small_tok, "--set", "pretrain.max_steps=3")
+    assert run(*args).exit_code == 0
+    edited = swap_first_two_lines(original)
+    tokenizer = load_tokenizer(str(small_tok))
+    # a byte-level BPE encodes each pre-token piece alone: swapped lines keep every count
+    assert edited != original and [len(tokenizer.encode(d)) for d in edited.split("\n\n")] == \
+        [len(tokenizer.encode(d)) for d in original.split("\n\n")]
+    text.write_text(edited)
+    resume = [*args[:-2], "--set", "pretrain.max_steps=6", "--resume"]
+    result = run(*resume)
+    line = result.stderr.strip().splitlines()[-1]  # after the data progress lines
+    assert result.exit_code == 1 and "Traceback" not in result.stderr, result.output
+    assert line.startswith("error: cannot resume from experiments/runs/same/same-pretrain_final.pt: the training "
+                           "data changed since it was saved (the same token count, different content")
+    assert line.endswith("restore the data, or start a new run with another --run-name")
+
+    # A checkpoint saved before fingerprints existed is checked on its token count alone.
+    final = work / "experiments" / "runs" / "same" / "same-pretrain_final.pt"
+    payload = load_checkpoint(final)
+    assert len(payload["data"].pop("fingerprint")) == 64
+    save_checkpoint(final, {k: v for k, v in payload.items() if k not in ("kind", "format_version")})
+    assert run(*resume).exit_code == 0
+
+
 def test_divergence_stops_without_overwriting_the_good_checkpoint(work, shakespeare, small_tok):
     assert run(*small_run_args("n", shakespeare, small_tok, "--set", "pretrain.max_steps=5")).exit_code == 0
     run_dir = work / "experiments" / "runs" / "n"

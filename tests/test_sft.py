@@ -190,6 +190,49 @@ def test_resume_continues_exactly(cli, work):
     assert code == 1 and "pass --resume" in err
 
 
+def test_resume_refuses_changed_conversations_of_the_same_token_count(cli, work, tmp_path):
+    from llmctl.data.sft import ChatTemplate, held_out_indices
+    from llmctl.data.tokenizer import load_tokenizer
+
+    records = shared_file("sft/dolly_open_qa.jsonl").read_text().splitlines()[:100]
+    path = tmp_path / "dolly.jsonl"
+    tokenizer = load_tokenizer(str(work / "tok"))
+
+    def write_and_encode(lines: list[str]) -> list:
+        path.write_text("\n".join(lines) + "\n")
+        data = load_sft_data([f"jsonl:{path}"], "auto", 0.05)
+        return encode_examples(data.train, ChatTemplate(), tokenizer, 64)  # the base run's context
+
+    before = write_and_encode(records)
+    assert cli(*sft_args("same-count", f"jsonl:{path}", steps=3))[0] == 0
+    # Two words of a short training record swapped: each is one " word" piece, and a byte-level
+    # BPE encodes pieces alone, so every example keeps its length and labels; the ids differ.
+    held = held_out_indices(100, 0.05)
+    i = next(i for i in range(100) if i not in held and 8 <= len(json.loads(records[i])["text"].split()) <= 20)
+    words = json.loads(records[i])["text"].split(" ")
+    a, b = [k for k in range(1, len(words)) if words[k].isalpha()][:2]
+    assert words[a] != words[b]
+    words[a], words[b] = words[b], words[a]
+    edited = records.copy()
+    edited[i] = json.dumps({"text": " ".join(words)})
+    after = write_and_encode(edited)
+    assert [len(e.input_ids) for e in after] == [len(e.input_ids) for e in before]
+    assert [e.labels.count(IGNORE) for e in after] == [e.labels.count(IGNORE) for e in before]
+    assert [e.input_ids for e in after] != [e.input_ids for e in before]
+
+    resume = sft_args("same-count", f"jsonl:{path}", "--resume", steps=6)
+    resume = resume[:1] + resume[3:]  # no --from: the run's config.toml says where it began
+    code, _, err = cli(*resume)
+    line = err.strip().splitlines()[-1]  # after the "data: reading" line
+    assert code == 1 and "Traceback" not in err, err
+    assert line.startswith("error: cannot resume from ") and "the training data changed since it was saved " \
+        "(the same token count, different content" in line
+    assert line.endswith("restore the data, or start a new run with another --run-name")
+    write_and_encode(records)  # the original conversations resume
+    code, _, err = cli(*resume)
+    assert code == 0, err
+
+
 SHAPES = {
     "alpaca.json": json.dumps([{"instruction": f"Add {i} and {i}.", "input": "", "output": f"{2 * i}"}
                                for i in range(24)] + [{"instruction": "Translate", "input": "Hallo", "output": "Hello"}]),

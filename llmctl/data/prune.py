@@ -131,7 +131,8 @@ def prune_tokenizer(cfg: DataConfig, base: TextTokenizer,
                   f"{', '.join(s.raw for s in specs)}")
     tokenizer_json, backend = base.to_json(), base.backend
     for _ in range(MAX_PASSES):
-        counts, docs = count_tokens(backend, sample_documents(specs, SAMPLE_CHARS))
+        # every document, held-out tail included: the cached pruned vocabularies were cut that way
+        counts, docs = count_tokens(backend, sample_documents(specs, SAMPLE_CHARS, None))
         if docs == 0:
             raise LlmctlError("data.tokenizer_min_count: the sources yielded no text to count tokens in; "
                               "check that data.datasets are not empty")

@@ -26,6 +26,7 @@ is batched (`encode_examples`), about a second for 15k conversations.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -238,6 +239,19 @@ def encode_examples(conversations: list[list[Message]], template: ChatTemplate, 
     ids_of = dict(zip(texts, tokenizer.encode_batch(texts))) if texts else {}
     return [_assemble([([tokenizer.eos_id] if text == "<eos>" else ids_of[text], trained)
                        for text, trained in segments], max_len) for segments in rendered]
+
+
+def examples_fingerprint(examples: list[Example]) -> str:
+    """sha256 of the examples' input ids and labels, in order (each array prefixed by its length,
+    so no two different lists of examples hash alike by concatenation)."""
+    import numpy as np
+
+    hasher = hashlib.sha256()
+    for e in examples:
+        for ids in (e.input_ids, e.labels):
+            hasher.update(np.int64(len(ids)).tobytes())
+            hasher.update(np.asarray(ids, dtype=np.int64).tobytes())
+    return hasher.hexdigest()
 
 
 def _assemble(pieces: list[tuple[list[int], bool]], max_len: int) -> Example:

@@ -143,6 +143,14 @@ class TokenStore:
             offset += n
         return ranges
 
+    def train_fingerprint(self) -> str:
+        """sha256 over the train split's segments in order, each with its shard's sha256: it
+        changes when any training token does (equal token counts or not). A shard that also
+        holds a held-out tail hashes that tail too, so an edit there counts as changed data."""
+        sha = {shard["name"]: shard["sha256"] for shard in self.meta["shards"]}
+        parts = [[s["shard"], sha[s["shard"]], s["start"], s["stop"]] for s in self.meta["splits"]["train"]]
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
     def check_tokenizer(self, tokenizer: TextTokenizer) -> None:
         check_fingerprint(self.meta["tokenizer_fingerprint"], tokenizer, f"the token store {self.path}")
 
