@@ -102,7 +102,7 @@ def small_chunks(monkeypatch):
     """Chunks of 8 rows, elementwise blocks of 3 (not a divisor of 8): every boundary is hit."""
     import llmctl.cross_entropy as ce
 
-    monkeypatch.setattr(ce, "_rows_per_chunk", lambda vocab, device: 8)
+    monkeypatch.setattr(ce, "_rows_per_chunk", lambda vocab: 8)
     monkeypatch.setattr(ce, "_rows_per_block", lambda vocab, device: 3)
 
 
