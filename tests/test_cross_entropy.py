@@ -191,3 +191,21 @@ def test_no_tensor_of_n_by_vocab_is_ever_made(small_chunks, reduction):
         loss.backward(torch.ones_like(loss))
     assert x.grad is not None and weight.grad is not None
     assert LargestOutput.largest <= max(8 * V, N * C)
+
+
+def test_the_benchmark_measures_the_same_step_in_every_implementation():
+    """benchmarks/bench_cross_entropy.py: its copy of the previous implementation and the
+    plain formula compute what linear_cross_entropy computes, loss and gradients alike."""
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("bench_cross_entropy", REPO / "benchmarks" / "bench_cross_entropy.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for dtype in ["float32", "bfloat16"]:
+        rows = [bench.measure(v, dtype, tokens=40, d_model=16, vocab=100, steps=1) for v in bench.VARIANTS]
+        for row in rows[1:]:
+            for key in ["loss", "grad_x_norm", "grad_w_norm"]:
+                assert row[key] == pytest.approx(rows[0][key], rel=1e-2 if dtype == "bfloat16" else 1e-5), (row, key)
+        assert all(row["step_s"] > 0 for row in rows)  # peak_mb means something only in a fresh process
