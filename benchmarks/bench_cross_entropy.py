@@ -20,7 +20,8 @@ compare ratios. `--tokens 16384` is the size the design aims at (the plain fp32 
 needs ~10 GB); the default is smaller to finish in about two minutes on two cores.
 
     python benchmarks/bench_cross_entropy.py [--tokens 4096] [--d-model 768] [--vocab 50257]
-                                            [--dtypes float32,bfloat16] [--rounds 1] [--steps 1] [--json]
+                                            [--dtypes float32,bfloat16] [--rounds 1] [--steps 1]
+                                            [--device cpu|cuda] [--json]
 """
 
 from __future__ import annotations
@@ -109,27 +110,36 @@ def _maxrss_mb() -> float:
     return kb / 2**20 if sys.platform == "darwin" else kb / 2**10  # bytes on macOS, KiB elsewhere
 
 
-def measure(variant: str, dtype: str, tokens: int, d_model: int, vocab: int, steps: int) -> dict:
+def measure(variant: str, dtype: str, tokens: int, d_model: int, vocab: int, steps: int,
+            device: str = "cpu") -> dict:
     from llmctl.cross_entropy import linear_cross_entropy
 
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(tokens, d_model, generator=g).requires_grad_()
-    weight = (torch.randn(vocab, d_model, generator=g) * d_model**-0.5).requires_grad_()
-    targets = torch.randint(0, vocab, (tokens,), generator=g)
+    x = torch.randn(tokens, d_model, generator=g).to(device).requires_grad_()
+    weight = (torch.randn(vocab, d_model, generator=g) * d_model**-0.5).to(device).requires_grad_()
+    targets = torch.randint(0, vocab, (tokens,), generator=g).to(device)
+    cuda = device.startswith("cuda")
     loss_fn = {"plain": lambda: F.cross_entropy(F.linear(x, weight).float(), targets),
                "fused": lambda: _old_linear_cross_entropy(x, weight, targets, vocab),
                "chunked": lambda: linear_cross_entropy(x, weight, targets, vocab),
                "chunked_none": lambda: linear_cross_entropy(x, weight, targets, vocab, "none").mean()}[variant]
-    before = _rss_mb()
+    if cuda:  # the allocator's own high-water mark, over what the inputs already hold
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device) / 2**20
+    else:
+        before = _rss_mb()
     times, loss = [], None
     for _ in range(steps + 1):
         x.grad = weight.grad = None  # a step after zero_grad(set_to_none=True)
         start = time.perf_counter()
-        with torch.autocast("cpu", torch.bfloat16, enabled=dtype == "bfloat16"):
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=dtype == "bfloat16"):
             loss = loss_fn()
         loss.backward()
+        if cuda:
+            torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
-    return {"variant": variant, "dtype": dtype, "loss": loss.item(), "peak_mb": _maxrss_mb() - before,
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else _maxrss_mb()
+    return {"variant": variant, "dtype": dtype, "loss": loss.item(), "peak_mb": peak - before,
             "step_s": min(times[1:]), "grad_x_norm": x.grad.norm().item(),
             "grad_w_norm": weight.grad.norm().item()}
 
@@ -143,10 +153,11 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--rounds", type=int, default=1, help="fresh processes per implementation, interleaved")
     parser.add_argument("--steps", type=int, default=1, help="timed steps after one warm-up step, per process")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (peak = the allocator's high-water mark)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--child", nargs=2, metavar=("VARIANT", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    shape = dict(tokens=args.tokens, d_model=args.d_model, vocab=args.vocab, steps=args.steps)
+    shape = dict(tokens=args.tokens, d_model=args.d_model, vocab=args.vocab, steps=args.steps, device=args.device)
     if args.child:
         print(json.dumps(measure(*args.child, **shape)))
         return
@@ -156,7 +167,8 @@ def main() -> None:
         for dtype in args.dtypes.split(","):
             for variant in args.variants.split(","):
                 cmd = [sys.executable, __file__, "--child", variant, dtype, "--tokens", str(args.tokens),
-                       "--d-model", str(args.d_model), "--vocab", str(args.vocab), "--steps", str(args.steps)]
+                       "--d-model", str(args.d_model), "--vocab", str(args.vocab), "--steps", str(args.steps),
+                       "--device", args.device]
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
                 runs.setdefault((dtype, variant), []).append(json.loads(out.splitlines()[-1]))
     rows = [dict(same[0], peak_mb=min(r["peak_mb"] for r in same), step_s=min(r["step_s"] for r in same))

@@ -18,7 +18,7 @@ if [ "${LLMCTL_GPU_CHECK_SMOKE:-0}" = 1 ]; then
 else
   preset=gpu; steps=30; warmup=5; sets=(--set model.vocab_size=50257 --set 'pretrain.micro_batch_size="auto"')
   generate=(--device cuda --dtype bfloat16 --prompts 64,512 --new-tokens 128)
-  ce=(--device cuda --tokens 32768 --vocab 50257 --d-model 768)
+  ce=(--device cuda --tokens 32768 --vocab 50257 --d-model 768 --dtypes bfloat16 --steps 3)
 fi
 failed=()
 part() {  # part NAME SECONDS COMMAND...: run one part with its own time limit
@@ -52,7 +52,7 @@ for strategy in fsdp ddp; do
     "${sets[@]}" --set run.distributed=$strategy --set run.compile=false --steps 5 --warmup 2
 done
 part "KV-cache generation" 90 "$PY" benchmarks/bench_generate.py "${generate[@]}" --rounds 1
-part "output layer cross-entropy memory" 60 "$PY" benchmarks/bench_cross_entropy.py "${ce[@]}"
+part "output layer cross-entropy memory" 120 "$PY" benchmarks/bench_cross_entropy.py "${ce[@]}"
 echo
 if [ ${#failed[@]} -gt 0 ]; then echo "failed: ${failed[*]}"; exit 1; fi
 echo "all parts ran"
