@@ -282,13 +282,33 @@ def init_distributed(device_name: str, strategy: str) -> tuple[DistInfo, torch.d
         raise ConfigError("distributed training on MPS is not supported by PyTorch; use run.device=cpu")
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None)
+                                device_id=device if device.type == "cuda" else None,
+                                **_attempt_store(rank, world))
     info = DistInfo(rank, world, local_rank, strategy, launched=True)
     configure_device(device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     import atexit
 
     atexit.register(shutdown_distributed, info)  # however the command ends
     return info, device
+
+
+def _attempt_store(rank: int, world: int) -> dict:
+    """torchrun's store for this restart attempt, as init_process_group arguments.
+
+    torchrun (`--max-restarts`) keeps one key-value store for every attempt of a job, and the
+    process group's keys (each rank's address) carry no attempt number: a restarted group can
+    read the previous attempt's addresses and fail to connect. A prefix per attempt keeps
+    them apart. Outside an agent-hosted store, the default rendezvous is right as it is."""
+    import datetime
+
+    import torch.distributed as dist
+
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "MASTER_ADDR" not in os.environ:
+        return {}
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=datetime.timedelta(minutes=10))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return {"store": dist.PrefixStore(f"llmctl/attempt-{attempt}", store), "rank": rank, "world_size": world}
 
 
 def barrier(info: DistInfo) -> None:
