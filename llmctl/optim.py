@@ -19,6 +19,8 @@ starting point.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from llmctl.config import OPTIMIZERS, TrainConfig
@@ -51,3 +53,31 @@ def build_optimizers(model: torch.nn.Module, cfg: TrainConfig, device: torch.dev
         return [adamw]
     return [torch.optim.Muon(matrices, lr=cfg.lr, weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw"),
             adamw]
+
+
+def lr_at(step: int, cfg: TrainConfig, progress: float | None = None) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup from 0 over
+    warmup_steps, then constant; or cosine down to `min_lr_ratio * lr` at the end; or wsd:
+    constant, then a linear decay to `min_lr_ratio * lr` over the last `decay_fraction`.
+
+    `progress` is the fraction of the run done, in [0, 1]; the trainer passes elapsed time
+    over max_time when a time budget is set (or the step fraction, whichever is further),
+    else None and the schedule follows steps: a pure function of (step, cfg), so step-based
+    runs are exactly reproducible. Warmup always counts steps."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    floor = cfg.lr * cfg.min_lr_ratio
+    if cfg.lr_schedule == "cosine":
+        if progress is None:
+            span = max(1, cfg.max_steps - cfg.warmup_steps)
+            progress = (step - cfg.warmup_steps) / span
+        progress = min(1.0, max(0.0, progress))
+        return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
+    if cfg.lr_schedule == "wsd":
+        # fraction of the run still ahead (steps counted exactly, without float round-off)
+        left = (cfg.max_steps - step) / cfg.max_steps if progress is None else 1.0 - progress
+        left = min(1.0, max(0.0, left))
+        if left >= cfg.decay_fraction:
+            return cfg.lr
+        return floor + (cfg.lr - floor) * left / cfg.decay_fraction
+    return cfg.lr

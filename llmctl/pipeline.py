@@ -43,7 +43,8 @@ from llmctl.config import Config, config_from_dict
 from llmctl.data.sources import check_sources
 from llmctl.data.sft import check_sft_sources
 from llmctl.errors import ConfigError, LlmctlError
-from llmctl.pretrain import run_dir_of, run_pretrain, say_to
+from llmctl.pretrain import run_pretrain
+from llmctl.stage import run_dir_of, say_to
 from llmctl.runlock import hold_run_lock
 
 RECORD = "pipeline.json"

@@ -8,7 +8,6 @@ written to the run directory, so a mistake leaves nothing behind. The run lock
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,24 +15,21 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from llmctl.atomic import write_text_atomic
 from llmctl.autobatch import with_micro_batch
-from llmctl.checkpoint import CheckpointCallback, ResumePoint, check_run_dir, check_same_data, find_resume_point
+from llmctl.checkpoint import check_run_dir, check_same_data, find_resume_point
 from llmctl.config import AUTO, Config
 from llmctl.data.batches import training_windows
 from llmctl.data.sources import check_sources
 from llmctl.data.store import prepare_store
 from llmctl.data.report import PrepareDisplay
-from llmctl.data.tokenizer import TextTokenizer, planned_vocab_size, resolve_tokenizer
+from llmctl.data.tokenizer import planned_vocab_size, resolve_tokenizer
 from llmctl.errors import ConfigError, LlmctlError
 from llmctl.evaluate import bits_per_byte, evaluate_tokens, stream_bytes
 from llmctl.model import Transformer
-from llmctl.progress import MetricsCallback, ProgressCallback, RunLog
-from llmctl.runlock import held, hold_run_lock, keep_lock_only
-from llmctl.runtime import (DistInfo, autocast, barrier, init_distributed, resolve_compile, resolve_dtype,
-                            seed_everything)
-from llmctl.trackers import Reporting, check_trackers
-from llmctl.trainer import BatchSource, Callback, Trainer, TrainingStopped
+from llmctl.runlock import hold_run_lock
+from llmctl.runtime import autocast, barrier, init_distributed, resolve_dtype, seed_everything
+from llmctl.trackers import check_trackers
+from llmctl.stage import fit_stage, run_dir_of, say_to
 
 STAGE = "pretrain"
 
@@ -109,10 +105,6 @@ def resume_command(preset: str, overrides: list[str] | None, run_name: str) -> s
     return shlex.join(["llmctl", "pretrain", "--preset", preset, "--run-name", run_name, *sets, "--resume"])
 
 
-def run_dir_of(cfg: Config) -> Path:
-    return Path(cfg.run.output_dir).expanduser() / cfg.run.name
-
-
 def run_pretrain(cfg: Config, console: Console, overwrite: bool = False, resume: bool | str = False,
                  resume_command: str | None = None) -> dict[str, Any]:
     """Train from scratch, or with `resume` continue from the run's newest checkpoint (with
@@ -126,10 +118,6 @@ def run_pretrain(cfg: Config, console: Console, overwrite: bool = False, resume:
     with hold_run_lock(run_dir, STAGE, say_to(console)) as lock:
         resume = check_run_dir(run_dir, resume=resume, overwrite=overwrite, stage=STAGE, existed=lock.existed)
         return _pretrain(cfg, console, run_dir, overwrite, resume, resume_command)
-
-
-def say_to(console: Console) -> Callable[[str], None]:
-    return lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def _pretrain(cfg: Config, console: Console, run_dir: Path, overwrite: bool, resume: bool,
@@ -195,71 +183,3 @@ def _pretrain(cfg: Config, console: Console, run_dir: Path, overwrite: bool, res
     return fit_stage(cfg, STAGE, console, model=model, batches=batches, evaluate=evaluate, tokenizer=tokenizer,
                      data_meta=data_meta, device=device, dtype=dtype, point=point, intro=intro,
                      overwrite=overwrite, resume_command=resume_command, dist_info=dist_info)
-
-
-def fit_stage(cfg: Config, stage: str, console: Console, *, model: torch.nn.Module, batches: BatchSource,
-              evaluate: Callable[[], dict[str, float]], tokenizer: TextTokenizer, data_meta: dict[str, Any],
-              device: torch.device, dtype: torch.dtype, point: ResumePoint | None, intro: list[str],
-              overwrite: bool = False, resume_command: str | None = None, seq_len: int | None = None,
-              checkpoint_extra: dict[str, Any] | None = None,
-              callbacks: Callable[[Callable[[str], None]], list[Callback]] | None = None,
-              dist_info: DistInfo | None = None) -> dict[str, Any]:
-    """What every training stage (pretrain, sft) shares from its first write on: the run
-    directory (deleted first with `overwrite`), config.toml, the progress display and
-    training.log, metrics.jsonl, `<run>-<stage>_*.pt` checkpoints (plus `checkpoint_extra`
-    keys), the Trainer on `getattr(cfg, stage)`, resume from `point` (its state is consumed),
-    and the one-line account of a stop. Call it only when every input has been checked, holding
-    the run's lock (`llmctl.runlock.hold_run_lock`; rank 0 only under torchrun).
-
-    `callbacks(say)` adds stage-specific callbacks that write through the progress display;
-    `seq_len` is the tokens one sequence counts for (default the context length)."""
-    dist_info = dist_info or DistInfo()
-    train_cfg = getattr(cfg, stage)
-    run_dir = run_dir_of(cfg)
-    check_trackers(cfg.run.report_to)
-    barrier(dist_info)  # every rank has checked the run directory before rank 0 changes it
-    lock = held(run_dir)
-    if dist_info.is_main and lock is None:
-        raise RuntimeError(f"fit_stage writes {run_dir} without its run lock; call it inside hold_run_lock")
-    if dist_info.is_main:
-        if overwrite and run_dir.is_dir():
-            keep_lock_only(run_dir)  # the lock stays held: no second writer slips in while this one restarts
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(run_dir / "config.toml", cfg.to_toml())
-    progress = ProgressCallback(console, RunLog(run_dir / "training.log" if dist_info.is_main else None),
-                                title=f"{cfg.run.name} {stage}")
-    if lock is not None and lock.note:
-        progress.log.write(lock.note)  # the console had it when the lock was taken; the log keeps it
-    checkpoints = CheckpointCallback(run_dir, cfg, stage, tokenizer, data_meta, train_cfg.keep_last,
-                                     extra=checkpoint_extra)
-    reporting = Reporting(cfg, run_dir, stage, progress.say, progress.log.write)  # status.json, trackers, loss.png
-    own = [progress, MetricsCallback(run_dir / "metrics.jsonl"), checkpoints, *reporting.callbacks,
-           *(callbacks(progress.say) if callbacks else [])]
-    trainer = Trainer(model, train_cfg, batches=batches, evaluate=evaluate, device=device, dtype=dtype,
-                      seq_len=seq_len or cfg.train_seq_len(stage), log_every=cfg.run.log_every,
-                      compile=resolve_compile(cfg.run.compile, device),
-                      callbacks=own if dist_info.is_main else [], dist=dist_info)
-    if point is not None:
-        trainer.load_state_dict(point.state)
-        checkpoints.last_path = point.path
-        point.state.clear()  # free the loaded tensors: the trainer holds its own copy now
-    for line in intro:
-        progress.say(line)
-    if point is not None:
-        progress.say(f"resumed from {point.path.name} at step {trainer.step} ({trainer.tokens_seen:,} tokens seen)")
-        for note in point.notes:
-            progress.say(note)
-    try:
-        with reporting.watch(trainer):  # a stop or crash is recorded in status.json too
-            summary = trainer.fit()
-    except TrainingStopped as e:
-        e.explain(checkpoints.last_path, resume_command, stage)
-        progress.log.write(str(e))
-        raise
-    finally:
-        progress.close()
-    summary["checkpoint"] = str(checkpoints.last_path) if dist_info.is_main else None  # only rank 0 saves
-    summary["run_dir"] = str(run_dir)
-    progress.say(f"done: {summary['step']} steps, {summary['tokens']:,} tokens in "
-                 f"{summary['seconds']:.1f}s; final checkpoint {checkpoints.last_path}")
-    return summary

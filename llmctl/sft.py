@@ -2,7 +2,7 @@
 
 Flow: config -> the `--from` checkpoint (weights, model config, tokenizer, and its chat
 template when it is already an SFT model) -> conversations (`llmctl.data.sft`) -> examples
-with response-only labels -> `llmctl.pretrain.fit_stage` with `ExampleBatches` and a
+with response-only labels -> `llmctl.stage.fit_stage` with `ExampleBatches` and a
 response-only evaluation (`llmctl.evaluate.evaluate_examples`). Only the batches (ignored
 prompt and padding targets) and the starting weights differ from pretraining.
 
@@ -51,7 +51,7 @@ from llmctl.data.tokenizer import TextTokenizer
 from llmctl.errors import ConfigError, LlmctlError
 from llmctl.evaluate import evaluate_examples
 from llmctl.model import Transformer
-from llmctl.pretrain import fit_stage, run_dir_of, say_to
+from llmctl.stage import fit_stage, run_dir_of, say_to
 from llmctl.runlock import hold_run_lock
 from llmctl.runtime import autocast, init_distributed, resolve_dtype, seed_everything
 from llmctl.trainer import Callback, Trainer

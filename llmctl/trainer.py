@@ -41,78 +41,17 @@ import signal
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
 from llmctl.config import TrainConfig, parse_duration
 from llmctl.cross_entropy import IGNORE_INDEX
 from llmctl.errors import ConfigError, LlmctlError
-from llmctl.optim import build_optimizers
+from llmctl.data.batches import BatchSource, RankShard
+from llmctl.optim import build_optimizers, lr_at
 from llmctl.runtime import (DistInfo, RankAgreement, StopRequested, StopSignals, all_ranks_sum, autocast,
                             gather_to_all, rng_state, set_rng_state, signal_name, split_rng_stream)
-
-
-def lr_at(step: int, cfg: TrainConfig, progress: float | None = None) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup from 0 over
-    warmup_steps, then constant; or cosine down to `min_lr_ratio * lr` at the end; or wsd:
-    constant, then a linear decay to `min_lr_ratio * lr` over the last `decay_fraction`.
-
-    `progress` is the fraction of the run done, in [0, 1]; the trainer passes elapsed time
-    over max_time when a time budget is set (or the step fraction, whichever is further),
-    else None and the schedule follows steps: a pure function of (step, cfg), so step-based
-    runs are exactly reproducible. Warmup always counts steps."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    floor = cfg.lr * cfg.min_lr_ratio
-    if cfg.lr_schedule == "cosine":
-        if progress is None:
-            span = max(1, cfg.max_steps - cfg.warmup_steps)
-            progress = (step - cfg.warmup_steps) / span
-        progress = min(1.0, max(0.0, progress))
-        return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
-    if cfg.lr_schedule == "wsd":
-        # fraction of the run still ahead (steps counted exactly, without float round-off)
-        left = (cfg.max_steps - step) / cfg.max_steps if progress is None else 1.0 - progress
-        left = min(1.0, max(0.0, left))
-        if left >= cfg.decay_fraction:
-            return cfg.lr
-        return floor + (cfg.lr - floor) * left / cfg.decay_fraction
-    return cfg.lr
-
-
-class BatchSource(Protocol):
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]: ...
-    def state_dict(self) -> dict: ...
-    def load_state_dict(self, state: dict) -> None: ...
-
-
-class RankShard:
-    """This rank's share of every optimizer step's global batch.
-
-    Every rank draws the same sequence of micro-batches from an identically seeded source and
-    keeps every world_size-th one, so the union over ranks of one step's micro-batches is
-    exactly what a single process draws for that step with full accumulation: the global
-    batch, and so the loss curve, does not depend on the world size. The skipped draws cost
-    index arithmetic and a small copy; compute dominates."""
-
-    def __init__(self, inner: BatchSource, rank: int, world_size: int):
-        self.inner, self.rank, self.world_size = inner, rank, world_size
-
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        mine = None
-        for r in range(self.world_size):
-            batch = self.inner.next_batch()
-            if r == self.rank:
-                mine = batch
-        return mine
-
-    def state_dict(self) -> dict:
-        return self.inner.state_dict()  # identical on every rank
-
-    def load_state_dict(self, state: dict) -> None:
-        self.inner.load_state_dict(state)
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -137,18 +76,11 @@ class TrainingStopped(LlmctlError):
     """Training ended before max_steps. `step` is the last completed optimizer step.
 
     The trainer knows the step; the stage that runs it knows the checkpoint and the command
-    line, and completes the one-line message with `explain()`."""
+    line, and words the one-line message (`llmctl.stage.stop_message`)."""
 
     def __init__(self, message: str, step: int):
         super().__init__(message)
         self.step = step
-
-    def explain(self, checkpoint: Path | None, resume_command: str | None, section: str) -> "TrainingStopped":
-        self.args = (self.describe(checkpoint, resume_command, section),)
-        return self
-
-    def describe(self, checkpoint: Path | None, resume_command: str | None, section: str) -> str:
-        return str(self)
 
 
 class TrainingInterrupted(TrainingStopped):
@@ -159,11 +91,6 @@ class TrainingInterrupted(TrainingStopped):
         self.signum = signum
         self.exit_code = 128 + signum
 
-    def describe(self, checkpoint: Path | None, resume_command: str | None, section: str) -> str:
-        saved = f"saved {checkpoint}" if checkpoint else "no checkpoint saved"
-        how = f"resume with: {resume_command}" if resume_command else "resume with the same command plus --resume"
-        return f"stopped by {signal_name(self.signum)} at step {self.step}; {saved}; {how}"
-
 
 class NonFiniteLoss(TrainingStopped):
     """The loss or gradient norm became NaN/Inf; nothing was saved after the last good step."""
@@ -173,32 +100,6 @@ class NonFiniteLoss(TrainingStopped):
     def __init__(self, step: int, loss: float, grad_norm: float):
         super().__init__(f"the loss became non-finite at step {step}", step)
         self.loss, self.grad_norm = loss, grad_norm
-
-    def describe(self, checkpoint: Path | None, resume_command: str | None, section: str) -> str:
-        what = f"loss {self.loss:.4g}, gradient norm {self.grad_norm:.4g}"
-        if checkpoint:
-            good = f"the last good checkpoint is {checkpoint} (nothing was saved after it)"
-            then = (f"then continue from it: {_without_set(resume_command, f'{section}.lr')} --set {section}.lr=<lower>"
-                    if resume_command else "then continue from it with --resume")
-        else:
-            good = "no checkpoint had been saved yet"
-            then = "then start again with --overwrite"
-        return (f"training diverged at step {self.step} ({what}); {good}; try a lower {section}.lr "
-                f"or more {section}.warmup_steps, run.dtype=bfloat16 instead of float16, or "
-                f"{section}.grad_clip=1.0; {then}")
-
-
-def _without_set(command: str, key: str) -> str:
-    """A shell command line minus its `--set KEY=...` options (the hint adds a new value)."""
-    import shlex
-
-    args, kept = shlex.split(command), []
-    for i, arg in enumerate(args):
-        if arg.startswith(f"{key}=") and i > 0 and args[i - 1] == "--set":
-            kept.pop()
-            continue
-        kept.append(arg)
-    return shlex.join(kept)
 
 
 class Callback:

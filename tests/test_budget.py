@@ -22,7 +22,8 @@ from llmctl.config import Config, ModelConfig, TrainConfig, parse_duration
 from llmctl.data.batches import RandomWindows
 from llmctl.data.tokenizer import load_tokenizer
 from llmctl.model import Transformer
-from llmctl.trainer import Trainer, lr_at
+from llmctl.optim import lr_at
+from llmctl.trainer import Trainer
 from small_runs import small_run_args
 
 

@@ -7,7 +7,9 @@ import torch
 
 from llmctl.config import ModelConfig, TrainConfig
 from llmctl.model import Transformer
-from llmctl.trainer import Trainer, lr_at
+from llmctl.optim import lr_at
+from llmctl.stage import stop_message
+from llmctl.trainer import Trainer
 
 
 
@@ -147,7 +149,7 @@ def test_nan_guard_names_the_first_bad_step_and_never_saves_after_it():
         trainer.fit()
     assert info.value.step == 2  # step 1 used the initial weights; step 2 the overflowed ones
     assert saves == []  # the save at step 5 found the flag and refused
-    message = info.value.describe(None, None, "pretrain")
+    message = stop_message(info.value, None, None, "pretrain")
     assert "training diverged at step 2" in message and "no checkpoint had been saved yet" in message
 
 

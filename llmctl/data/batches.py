@@ -14,7 +14,7 @@ the first is scored exactly once.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -93,3 +93,36 @@ def training_windows(store: Any, weights: Sequence[float], seq_len: int, batch_s
         return RandomWindows(tokens, seq_len, batch_size, seed)
     except ValueError as e:
         raise LlmctlError(f"{e}; add data or lower model.max_seq_len") from None
+
+
+class BatchSource(Protocol):
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class RankShard:
+    """This rank's share of every optimizer step's global batch.
+
+    Every rank draws the same sequence of micro-batches from an identically seeded source and
+    keeps every world_size-th one, so the union over ranks of one step's micro-batches is
+    exactly what a single process draws for that step with full accumulation: the global
+    batch, and so the loss curve, does not depend on the world size. The skipped draws cost
+    index arithmetic and a small copy; compute dominates."""
+
+    def __init__(self, inner: BatchSource, rank: int, world_size: int):
+        self.inner, self.rank, self.world_size = inner, rank, world_size
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        mine = None
+        for r in range(self.world_size):
+            batch = self.inner.next_batch()
+            if r == self.rank:
+                mine = batch
+        return mine
+
+    def state_dict(self) -> dict:
+        return self.inner.state_dict()  # identical on every rank
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state)

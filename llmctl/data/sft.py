@@ -32,7 +32,6 @@ import random
 import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from llmctl.config import SFT_FORMATS as FORMATS
