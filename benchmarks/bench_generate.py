@@ -35,7 +35,8 @@ from llmctl.config import ModelConfig
 from llmctl.evaluate import evaluate_tokens
 from llmctl.generate import Sampling, token_stream
 from llmctl.loading import TransformersLM
-from llmctl.model import Transformer, llama_state_dict
+from llmctl.export import llama_state_dict
+from llmctl.model import Transformer
 from llmctl.runtime import autocast, resolve_device, resolve_dtype
 
 SHAPE = dict(vocab_size=50257, d_model=384, n_layers=6, n_heads=6, n_kv_heads=2, max_seq_len=1024,

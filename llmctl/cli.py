@@ -262,6 +262,9 @@ def eval_command(
 ) -> None:
     """Score a model on held-out text: mean token loss, perplexity and bits per byte.
 
+    A checkpoint whose config mixes counted n-grams into its predictions (model.ngram_order,
+    model.cache_weight) is scored twice from one pass: the network alone, and with the counts.
+
     Example: llmctl eval --checkpoint experiments/runs/demo --data text:heldout.txt --stride 32 --json
     """
     with user_errors():
@@ -278,11 +281,16 @@ def eval_command(
 
         table = Table(title=f"{result['path'] or result['checkpoint']}  (context {result['context']}, "
                             f"stride {result['stride']}, {result['dtype']})")
-        for column in ("data", "loss", "perplexity", "bits/byte", "tokens", "bytes", "seconds"):
-            table.add_column(column, justify="left" if column == "data" else "right")
+        mixed = any("mixture" in row for row in result["datasets"].values())
+        for column in ("data", *(("scored by",) if mixed else ()), "loss", "perplexity", "bits/byte",
+                       "tokens", "bytes", "seconds"):
+            table.add_column(column, justify="left" if column in ("data", "scored by") else "right")
         for name, row in result["datasets"].items():
-            table.add_row(name, f"{row['loss']:.4f}", f"{row['perplexity']:.2f}", f"{row['bits_per_byte']:.4f}",
-                          f"{row['tokens']:,}", f"{row['bytes']:,}", f"{row['seconds']:.1f}")
+            scorers = [("network", row), *([("network + counts", row["mixture"])] if "mixture" in row else [])]
+            for i, (scorer, score) in enumerate(scorers):
+                table.add_row(name if i == 0 else "", *((scorer,) if mixed else ()), f"{score['loss']:.4f}",
+                              f"{score['perplexity']:.2f}", f"{score['bits_per_byte']:.4f}",
+                              f"{row['tokens']:,}", f"{row['bytes']:,}", f"{row['seconds']:.1f}" if i == 0 else "")
         Console().print(table)
 
 

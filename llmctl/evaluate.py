@@ -37,6 +37,7 @@ from llmctl.errors import ConfigError, LlmctlError
 if TYPE_CHECKING:
     from llmctl.data.tokenizer import TextTokenizer
     from llmctl.loading import LoadedModel
+    from llmctl.ngram import CountMixture
     from llmctl.runtime import DistInfo
 
 CHUNK_TOKENS = 1 << 20  # tokens read from a memory-mapped split at a time
@@ -149,70 +150,77 @@ def rank_batches(windows: Iterator[tuple[np.ndarray, int]], batch_size: int, ran
 def evaluate_tokens(model: torch.nn.Module, tokens: np.ndarray | Iterable[np.ndarray], seq_len: int,
                     batch_size: int, device: torch.device,
                     autocast: contextlib.AbstractContextManager | None = None,
-                    max_tokens: int = 0, stride: int = 0, dist: "DistInfo | None" = None) -> dict[str, float]:
+                    max_tokens: int = 0, stride: int = 0, dist: "DistInfo | None" = None,
+                    counts: "CountMixture | None" = None) -> dict[str, Any]:
     """Mean next-token loss over a token stream (an array, or an iterable of arrays), or over
     its first `max_tokens` targets. `model(x, y, reduction="sum")` must return the summed
-    cross-entropy of the targets that are not -100 (llmctl's Transformer does).
+    cross-entropy of the targets that are not -100 (llmctl's Transformer does). With
+    `counts`, the result's "mixture" holds the same scores for the network mixed with them
+    (`llmctl.inference.Predictor.score`: one forward gives both).
 
     With `dist` (a torchrun job), rank r scores batches r, r + world, ... (every rank runs
     the same number of forwards, see rank_share) and the sums are added over ranks, so every
     rank returns the same numbers as one process would."""
-    was_training = model.training
-    model.eval()
-    total_loss, total_tokens = 0.0, 0
-    start = time.perf_counter()
     windows = scored_windows(tokens, seq_len, stride, max_tokens)
     rank, world = (dist.rank, dist.world_size) if dist is not None and dist.enabled else (0, 1)
+    return _score_batches(model, counts, rank_batches(windows, batch_size, rank, world), device, autocast, dist)
+
+
+def _score_batches(model: torch.nn.Module, counts: "CountMixture | None",
+                   batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+                   autocast: contextlib.AbstractContextManager | None, dist: "DistInfo | None") -> dict[str, Any]:
+    """Scores summed over (x, y) batches, (B, T) each, and over ranks, divided once."""
+    from llmctl.inference import Predictor
+
+    predictor = Predictor(model, counts)
+    was_training = model.training
+    model.eval()
+    totals = [0.0, 0.0, 0.0]  # network loss, mixture loss, scored targets
+    start = time.perf_counter()
     try:
-        for x, y in rank_batches(windows, batch_size, rank, world):
-            total_loss, total_tokens = _score(model, x, y, device, autocast, total_loss, total_tokens)
+        for x, y in batches:
+            scored = int((y != IGNORE_INDEX).sum())  # counted on the CPU: no extra device sync
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with autocast or contextlib.nullcontext():
+                network, mixture = predictor.score(x, y)
+            if scored:  # a dummy batch only keeps this rank in step with the others
+                totals[0] += float(network)
+                totals[1] += float(mixture) if mixture is not None else 0.0
+                totals[2] += scored
     finally:
         model.train(was_training)
-    return _result(total_loss, total_tokens, start, dist)
-
-
-def _score(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
-           autocast: contextlib.AbstractContextManager | None, total_loss: float,
-           total_tokens: int) -> tuple[float, int]:
-    """One forward of (x, y), (B, T) each, its summed loss and scored targets added to the totals."""
-    scored = int((y != IGNORE_INDEX).sum())  # counted on the CPU: no extra device sync
-    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-    with autocast or contextlib.nullcontext():
-        loss_sum = model(x, y, reduction="sum")
-    if scored:  # a dummy batch only keeps this rank in step with the others
-        total_loss += float(loss_sum)
-    return total_loss, total_tokens + scored
-
-
-def _result(total_loss: float, total_tokens: int, start: float, dist: "DistInfo | None") -> dict[str, float]:
-    """The totals summed over ranks (distributed), divided once."""
     if dist is not None and dist.enabled:
         from llmctl.runtime import all_ranks_sum
 
-        total_loss, total_tokens = all_ranks_sum(torch.tensor([total_loss, float(total_tokens)],
-                                                              dtype=torch.float64), dist).tolist()
-        total_tokens = int(total_tokens)
-    mean = total_loss / max(total_tokens, 1)
-    return {"loss": mean, "perplexity": math.exp(min(mean, 700.0)), "tokens": total_tokens,
-            "loss_sum": total_loss, "seconds": time.perf_counter() - start}
+        totals = all_ranks_sum(torch.tensor(totals, dtype=torch.float64), dist).tolist()
+    tokens = int(totals[2])
+    result: dict[str, Any] = {**_mean(totals[0], tokens), "tokens": tokens, "seconds": time.perf_counter() - start}
+    if counts is not None:
+        result["mixture"] = _mean(totals[1], tokens)
+    return result
+
+
+def _mean(loss_sum: float, tokens: int) -> dict[str, float]:
+    mean = loss_sum / max(tokens, 1)
+    return {"loss": mean, "perplexity": math.exp(min(mean, 700.0)), "loss_sum": loss_sum}
 
 
 @torch.no_grad()
 def evaluate_examples(model: torch.nn.Module, examples: list[Any], batch_size: int, device: torch.device,
                       autocast: contextlib.AbstractContextManager | None = None, pad_id: int = 0,
-                      max_tokens: int = 0, dist: "DistInfo | None" = None) -> dict[str, float]:
+                      max_tokens: int = 0, dist: "DistInfo | None" = None,
+                      counts: "CountMixture | None" = None) -> dict[str, Any]:
     """Response-only loss over SFT examples (`llmctl.data.sft.Example`): the summed loss of
     every target that is not IGNORE (reply tokens and their end-of-text; prompt and padding
     targets are -100) divided once by their count, so it is exact whatever the batching.
     Examples are batched by length to waste little on padding; `max_tokens` > 0 stops after
-    the example that reaches that many scored targets. Same result keys as evaluate_tokens.
+    the example that reaches that many scored targets. Same result keys as evaluate_tokens
+    (with `counts`, "mixture" too).
 
     With `dist`, the batches are dealt to ranks as in evaluate_tokens (same forward count on
     every rank) and the sums added over ranks."""
     from llmctl.data.sft import IGNORE, pad_batch
 
-    was_training = model.training
-    model.eval()
     chosen, counted = [], 0
     for example in examples:
         if max_tokens and counted >= max_tokens:
@@ -220,18 +228,11 @@ def evaluate_examples(model: torch.nn.Module, examples: list[Any], batch_size: i
         chosen.append(example)
         counted += sum(label != IGNORE for label in example.labels)
     chosen.sort(key=lambda e: len(e.input_ids))
-    total_loss, total_tokens = 0.0, 0
-    start = time.perf_counter()
     rank, world = (dist.rank, dist.world_size) if dist is not None and dist.enabled else (0, 1)
     groups = (chosen[i: i + batch_size] for i in range(0, len(chosen), batch_size))
-    try:
-        for group in rank_share(groups, rank, world):
-            # (B, T_max), padding targets IGNORE
-            x, y = dummy_batch() if group is None else pad_batch(group, pad_id)
-            total_loss, total_tokens = _score(model, x, y, device, autocast, total_loss, total_tokens)
-    finally:
-        model.train(was_training)
-    return _result(total_loss, total_tokens, start, dist)
+    batches = (dummy_batch() if group is None else pad_batch(group, pad_id)  # (B, T_max), padding IGNORE
+               for group in rank_share(groups, rank, world))
+    return _score_batches(model, counts, batches, device, autocast, dist)
 
 
 def response_bytes(examples: list[Any], tokenizer: "TextTokenizer", max_tokens: int = 0) -> int:
@@ -337,9 +338,9 @@ def evaluate_model(loaded: "LoadedModel", datasets: list[str] | None = None, str
     if batch_size < 1:
         raise ConfigError(f"--batch-size {batch_size} must be at least 1")
 
-    def score(tokens: np.ndarray | Iterable[np.ndarray]) -> dict[str, float]:
+    def score(tokens: np.ndarray | Iterable[np.ndarray]) -> dict[str, Any]:
         return evaluate_tokens(loaded.model, tokens, seq_len, batch_size, loaded.device,
-                               autocast(loaded.device, loaded.dtype), stride=stride)
+                               autocast(loaded.device, loaded.dtype), stride=stride, counts=loaded.counts)
 
     rows: dict[str, dict[str, Any]] = {}
     if not datasets:
@@ -362,10 +363,19 @@ def evaluate_model(loaded: "LoadedModel", datasets: list[str] | None = None, str
             "datasets": rows}
 
 
-def _row(result: dict[str, float], n_bytes: int) -> dict[str, Any]:
+def _row(result: dict[str, Any], n_bytes: int) -> dict[str, Any]:
+    """The network's loss, perplexity and bits per byte, and the mixture's under "mixture"
+    when the checkpoint mixes counts in."""
+    row = {**_scores(result, n_bytes), "tokens": int(result["tokens"]), "bytes": int(n_bytes),
+           "seconds": result["seconds"]}
+    if "mixture" in result:
+        row["mixture"] = _scores(result["mixture"], n_bytes)
+    return row
+
+
+def _scores(result: dict[str, Any], n_bytes: int) -> dict[str, float]:
     return {"loss": result["loss"], "perplexity": result["perplexity"],
-            "bits_per_byte": bits_per_byte(result["loss_sum"], n_bytes),
-            "tokens": int(result["tokens"]), "bytes": int(n_bytes), "seconds": result["seconds"]}
+            "bits_per_byte": bits_per_byte(result["loss_sum"], n_bytes)}
 
 
 def _eval_documents(spec: Any, iter_documents: Any) -> Iterator[str]:

@@ -5,15 +5,17 @@ generation_config.json, tokenizer.json + tokenizer_config.json, and for an SFT c
 its chat template — that `AutoModelForCausalLM` and `AutoTokenizer` load with no custom
 code. llmctl's decoder is Llama's (rotate-half RoPE, RMSNorm, SwiGLU, GQA, tied
 embeddings, no biases), so it maps onto `LlamaForCausalLM` one tensor for one
-(`llmctl.model.llama_state_dict` splits the fused q/k/v and gate/up weights and drops the
-vocabulary padding). Llama cannot express attention sinks (`model.use_attention_sinks`);
+(`llama_state_dict` splits the fused q/k/v and gate/up weights and drops the vocabulary
+padding). Llama cannot express attention sinks (`model.use_attention_sinks`);
 transformers' `GraniteSWAForCausalLM` can — one learned logit per head in the softmax
 denominator, applied as sigmoid(logsumexp - sink) — and with every layer on full attention
 and Granite's multipliers at 1 (attention scale 1/sqrt(head_dim)) it computes llmctl's
 model exactly, so sink models go there. Where the installed transformers lacks it, the
 export stops with one line naming the option. No transformers architecture has a copy
-pointer (`model.copy_pointer`), nor counted n-grams (`model.ngram_order`, `model.cache_weight`): such a
-model exports only as `--format safetensors`.
+pointer (`model.copy_pointer`) or block-local attention: such a model exports only as
+`--format safetensors`. Counted n-grams (`model.ngram_order`, `model.cache_weight`) are mixed
+in by llmctl at inference, outside the network: `hf` exports the network alone (what
+`llmctl eval` reports as the network's score), `safetensors` carries the counts too.
 
 `--format safetensors` writes the bare weights under llmctl's own names (`model.safetensors`,
 fused tensors, padded vocabulary) with `config.toml`, `tokenizer.json` and `llmctl.json`
@@ -67,6 +69,29 @@ PROBE_CONVERSATION = [("system", "You are terse."), ("user", "Name a colour."), 
 
 # --------------------------------------------------------------------------- the mapping
 
+def llama_state_dict(model: "Transformer") -> dict[str, torch.Tensor]:
+    """The model's weights under transformers `LlamaForCausalLM` names (fused q/k/v and
+    gate/up split back); `lm_head.weight` is the tied embedding, without vocabulary padding."""
+    V = model.vocab_size
+    out = {"model.embed_tokens.weight": model.tok_emb.weight[:V], "model.norm.weight": model.norm.weight,
+           "lm_head.weight": model.tok_emb.weight[:V]}
+    for i, block in enumerate(model.blocks):
+        a, prefix = block.attn, f"model.layers.{i}."
+        H, K, D = a.n_heads, a.n_kv_heads, a.head_dim
+        q, k, v = a.wqkv.weight.split([H * D, K * D, K * D], dim=0)
+        gate, up = block.mlp.w13.weight.split(block.mlp.hidden, dim=0)
+        out.update({
+            prefix + "self_attn.q_proj.weight": q, prefix + "self_attn.k_proj.weight": k,
+            prefix + "self_attn.v_proj.weight": v, prefix + "self_attn.o_proj.weight": a.wo.weight,
+            prefix + "mlp.gate_proj.weight": gate, prefix + "mlp.up_proj.weight": up,
+            prefix + "mlp.down_proj.weight": block.mlp.w2.weight,
+            prefix + "input_layernorm.weight": block.attn_norm.weight,
+            prefix + "post_attention_layernorm.weight": block.mlp_norm.weight,
+        })
+    return {name: t.detach().contiguous().clone() for name, t in out.items()}
+
+
+
 def hf_architecture(model_cfg: Any, arch: str | None = None) -> str:
     """Which transformers architecture expresses this model: "llama", or "granite_swa" for
     attention sinks. `arch` forces one (the self-check then proves or refutes it)."""
@@ -77,9 +102,6 @@ def hf_architecture(model_cfg: Any, arch: str | None = None) -> str:
     if getattr(model_cfg, "attention_block", 0) and model_cfg.attention_block < model_cfg.max_seq_len:
         raise LlmctlError(f"model.attention_block = {model_cfg.attention_block} (attention within blocks of the "
                           f"context) has no transformers architecture; export with --format safetensors")
-    if getattr(model_cfg, "ngram_order", 0) or getattr(model_cfg, "cache_weight", 0):
-        raise LlmctlError("model.ngram_order / model.cache_weight (counted n-grams mixed into the predictions) have "
-                          "no transformers architecture; export with --format safetensors, which carries the counts")
     if arch is not None:
         return arch
     if not model_cfg.use_attention_sinks:
@@ -128,8 +150,6 @@ def hf_config(model: "Transformer", eos_id: int, arch: str) -> Any:
 
 def hf_state_dict(model: "Transformer", arch: str) -> dict[str, torch.Tensor]:
     """Weights under the architecture's names; the tied output matrix is stored once (as the embedding)."""
-    from llmctl.model import llama_state_dict
-
     weights = llama_state_dict(model)
     del weights["lm_head.weight"]  # tie_word_embeddings: transformers ties it back on load
     if arch == "granite_swa":
@@ -214,6 +234,8 @@ def write_safetensors(folder: Path, loaded: "LoadedModel", extras: dict[str, Any
     from safetensors.torch import save_file
 
     state = {k: v.detach().contiguous().clone() for k, v in loaded.model.state_dict().items()}
+    if loaded.counts is not None:  # the tables beside the weights, under "counts.*"
+        state.update({f"counts.{k}": v.detach().contiguous().clone() for k, v in loaded.counts.state_dict().items()})
     save_file(state, str(folder / "model.safetensors"),
               metadata={"format": "pt", "producer": f"llmctl {__version__}"})
     (folder / "config.toml").write_text(loaded.config.to_toml(), encoding="utf-8")
@@ -225,23 +247,27 @@ def write_safetensors(folder: Path, loaded: "LoadedModel", extras: dict[str, Any
     (folder / "llmctl.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
-def load_safetensors_folder(folder: str | Path) -> tuple["Transformer", "TextTokenizer", Any, dict[str, Any]]:
-    """(model, tokenizer, config, meta) from a `--format safetensors` export; the model in eval mode."""
+def load_safetensors_folder(folder: str | Path) -> tuple["Transformer", Any, "TextTokenizer", Any, dict[str, Any]]:
+    """(model, counts, tokenizer, config, meta) from a `--format safetensors` export; the model
+    in eval mode, counts None unless its config mixes them in (`llmctl.inference.Predictor`)."""
     from safetensors.torch import load_file
     from tokenizers import Tokenizer
 
     from llmctl.config import config_from_dict
     from llmctl.data.tokenizer import TextTokenizer
     from llmctl.model import Transformer
+    from llmctl.ngram import load_counts
 
     folder = Path(folder)
     meta = json.loads((folder / "llmctl.json").read_text(encoding="utf-8"))
     with open(folder / "config.toml", "rb") as f:
         cfg = config_from_dict(tomllib.load(f))
     model = Transformer(cfg.model)
-    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    state = load_file(str(folder / "model.safetensors"))
+    counts = load_counts(cfg.model, state, None)
+    model.load_state_dict(state)
     tokenizer = TextTokenizer(Tokenizer.from_file(str(folder / "tokenizer.json")), int(meta["eos_id"]), str(folder))
-    return model.eval(), tokenizer, cfg, meta
+    return model.eval(), counts, tokenizer, cfg, meta
 
 
 # --------------------------------------------------------------------------- checking
@@ -321,10 +347,16 @@ def check_chat_template(tok: Any, template: "ChatTemplate", tokenizer: "TextToke
 
 
 def verify_safetensors(folder: Path, loaded: "LoadedModel") -> dict[str, Any]:
-    model, tokenizer, _, _ = load_safetensors_folder(folder)
+    model, counts, tokenizer, _, _ = load_safetensors_folder(folder)
     ids = probe_ids(loaded.tokenizer, loaded.model.vocab_size, min(loaded.context_length, PROBE_POSITIONS))
     with torch.no_grad():
         worst = compare_logits(loaded.model(ids).float(), model(ids).float(), "the reloaded safetensors model")
+    saved = {**model.state_dict(), **({f"counts.{k}": v for k, v in counts.state_dict().items()} if counts else {})}
+    expected = {**loaded.model.state_dict(),
+                **({f"counts.{k}": v for k, v in loaded.counts.state_dict().items()} if loaded.counts else {})}
+    changed = [k for k in expected if k not in saved or not torch.equal(saved[k], expected[k])]
+    if changed:  # the pointer head and the counts are not in the logits compared above
+        raise LlmctlError(f"export check failed: {changed[0]} does not round-trip; nothing was written")
     if tokenizer.fingerprint != loaded.tokenizer.fingerprint:
         raise LlmctlError("export check failed: tokenizer.json does not round-trip; nothing was written")
     return {"max_abs_logit_diff": worst, "positions": ids.size(1)}
@@ -411,6 +443,10 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, fmt: str = "h
     architecture = hf_architecture(loaded.config.model, arch) if fmt == "hf" else "llmctl"
     say(f"export: {loaded.path} (step {extras['step']}, {loaded.model.num_parameters():,} parameters) -> "
         f"{out} as {fmt}" + (f" ({ARCH_CLASSES[architecture]})" if fmt == "hf" else ""))
+    if fmt == "hf" and loaded.counts is not None:
+        say("export: the counted n-grams (model.ngram_order, model.cache_weight) stay behind: transformers "
+            "computes the network alone, the score `llmctl eval` reports as the network's; --format "
+            "safetensors carries them")
     with _made_parents(out):
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
         try:

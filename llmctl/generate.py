@@ -8,7 +8,7 @@ Three layers, each usable alone:
   gives the same sample on any device.
 - `token_stream(model, prompt_ids, ...)`: yields new token ids. With llmctl's Transformer
   the prompt (its last max_seq_len tokens) is run once into a `KVCache` and then each step
-  feeds one token (past the context length the cache slides, see `llmctl.model.KVCache`);
+  feeds one token (past the context length the cache slides, see `llmctl.inference.KVCache`);
   other models (transformers) and `use_cache=False` re-run the last max_seq_len tokens
   every step.
 - `complete(...)`: strings in and out. Text is decoded incrementally — a delta is released
@@ -36,6 +36,7 @@ from llmctl.errors import ConfigError
 if TYPE_CHECKING:
     from llmctl.data.tokenizer import TextTokenizer
     from llmctl.loading import LoadedModel
+    from llmctl.ngram import CountMixture
 
 
 NUCLEUS_FIRST = 256  # tokens ranked before falling back to a full sort for top-p
@@ -123,10 +124,12 @@ def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Genera
 @torch.no_grad()
 def token_stream(model: torch.nn.Module, prompt_ids: list[int], sampling: Sampling,
                  generator: torch.Generator, *, context_length: int, eos_id: int | None = None,
-                 dtype: torch.dtype = torch.float32, use_cache: bool = True) -> Iterator[int]:
+                 dtype: torch.dtype = torch.float32, use_cache: bool = True,
+                 counts: "CountMixture | None" = None) -> Iterator[int]:
     """Yield up to max_new_tokens new ids after the prompt; stops early at EOS (not yielded).
-    A prompt longer than the context is cut to its last `context_length` tokens."""
-    from llmctl.model import KVCache, Transformer
+    A prompt longer than the context is cut to its last `context_length` tokens. With
+    `counts`, tokens are drawn from the network mixed with them (`llmctl.inference`)."""
+    from llmctl.inference import Generation
     from llmctl.runtime import autocast
 
     if not prompt_ids:
@@ -134,19 +137,18 @@ def token_stream(model: torch.nn.Module, prompt_ids: list[int], sampling: Sampli
     device = next(model.parameters()).device
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, P)
     history = ids  # (1, t): what the repetition penalty looks at
-    cache = KVCache(model.cfg) if use_cache and isinstance(model, Transformer) else None
+    state = Generation(model, counts) if use_cache else None
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
+    def forward(x: torch.Tensor) -> torch.Tensor:  # (1, T) -> (1, V)
         with autocast(device, dtype):
-            return model(x, cache=cache, last_only=True)[:, -1] if cache is not None else \
-                model(x, last_only=True)[:, -1]  # (1, V)
+            return (state or Generation(model, counts)).feed(x)  # without the cache: afresh every step
 
-    if cache is not None:
+    if state is not None:
         # One prefill of the prompt's last context_length tokens: all that the first new token
         # can see, as without the cache (earlier prompt tokens still count for the penalty).
         logits = forward(ids[:, -context_length:])
     for step in range(sampling.max_new_tokens):
-        if cache is None:
+        if state is None:
             logits = forward(history[:, -context_length:])
         token = next_token(logits, sampling, generator, history)  # (1,) on the CPU
         value = int(token)
@@ -155,7 +157,7 @@ def token_stream(model: torch.nn.Module, prompt_ids: list[int], sampling: Sampli
         yield value
         token = token.to(device).view(1, 1)
         history = torch.cat([history, token], dim=1)
-        if cache is not None and step + 1 < sampling.max_new_tokens:
+        if state is not None and step + 1 < sampling.max_new_tokens:
             logits = forward(token)
 
 

@@ -42,6 +42,14 @@ class LoadedModel:
     dtype: torch.dtype  # autocast precision
     step: int | None = None
     template: dict[str, str] | None = None  # an SFT checkpoint's chat template (`llmctl.data.sft.ChatTemplate`)
+    counts: Any = None  # `llmctl.ngram.CountMixture` when the config mixes counts in at inference
+
+    @property
+    def predictor(self) -> Any:
+        """The network and its mixture, as evaluation and generation use them (`llmctl.inference`)."""
+        from llmctl.inference import Predictor
+
+        return Predictor(self.model, self.counts)
 
     @property
     def kind(self) -> str:
@@ -85,6 +93,7 @@ def _looks_like_hub_id(text: str) -> bool:
 def _load_llmctl(source: str, path: Path, device: torch.device, dtype: torch.dtype) -> LoadedModel:
     from llmctl.checkpoint import load_checkpoint
     from llmctl.model import Transformer
+    from llmctl.ngram import load_counts
 
     payload = load_checkpoint(path)
     missing = [k for k in ("config", "tokenizer", "model") if k not in payload]
@@ -94,12 +103,14 @@ def _load_llmctl(source: str, path: Path, device: torch.device, dtype: torch.dty
     tokenizer = TextTokenizer.from_state(payload["tokenizer"])
     model = Transformer(cfg.model)
     try:
+        counts = load_counts(cfg.model, payload["model"], payload.get("counts"))
         model.load_state_dict(payload["model"])
     except RuntimeError as e:
         raise LlmctlError(f"{path}: its weights do not fit its own config ({str(e).splitlines()[0]})") from None
     model.to(device).eval()
     return LoadedModel(model, tokenizer, cfg.model.max_seq_len, source, path, cfg, device, dtype,
-                       step=int(payload["step"]) if "step" in payload else None, template=payload.get("template"))
+                       step=int(payload["step"]) if "step" in payload else None, template=payload.get("template"),
+                       counts=counts.to(device) if counts is not None else None)
 
 
 class TransformersLM(torch.nn.Module):

@@ -1,30 +1,30 @@
 """The decoder-only transformer: RoPE, RMSNorm, SwiGLU, grouped-query attention, tied embeddings.
 
-Reads top to bottom: RMSNorm -> rotary embeddings -> KV cache -> attention -> SwiGLU MLP ->
-block -> model. Shapes use B (batch), T (time), C (d_model), H (query heads), K (key/value heads),
-D (head size). The maths matches transformers' `LlamaForCausalLM` (rotate-half RoPE, no
-biases); q/k/v and gate/up are stored fused for speed, and `llama_state_dict` splits them
-into Llama's tensors one for one.
+Reads top to bottom: RMSNorm -> rotary embeddings -> attention -> SwiGLU MLP -> block ->
+model. Shapes use B (batch), T (time), C (d_model), H (query heads), K (key/value heads),
+D (head size), V (vocabulary). The maths matches transformers' `LlamaForCausalLM`
+(rotate-half RoPE, no biases); q/k/v and gate/up are stored fused for speed
+(`llmctl.export.llama_state_dict` splits them into Llama's tensors).
 
 References: RoPE (Su et al., 2021), RMSNorm (Zhang & Sennrich, 2019), SwiGLU (Shazeer, 2020),
 GQA (Ainslie et al., 2023), attention sinks as a learned softmax logit (Xiao et al., 2023;
 as in gpt-oss).
 
-Three options leave Llama's shape (and so transformers' export): `model.copy_pointer` mixes a
-pointer over the window into the output (`llmctl/pointer.py`), `model.attention_block`
-makes attention read only its own block of positions, so the pointer's window can be long
-while attention costs what a short context does, and `model.ngram_order` / `model.cache_weight`
-mix counted n-grams of the training text and of the window into the predictions at inference
-(`llmctl/ngram.py`).
+Two options leave Llama's shape: `model.attention_block` makes attention read only its own
+block of positions, and `model.copy_pointer` adds a second output head that predicts by
+pointing at earlier positions (`llmctl/pointer.py`). The pointer is trained, so it is part of
+the network: the loss path here mixes it in, and `llmctl.inference` composes it with the
+vocabulary head at evaluation and generation, along with anything else mixed in there.
 
-Generation passes a `KVCache` to `forward`: the prompt is run once (prefill), then each new
-token attends to the cached keys and values of all earlier ones. Training never passes one,
-so its path is the plain causal forward below.
+Generation passes a `llmctl.inference.KVCache` to `forward`: the prompt is run once
+(prefill), then each new token attends to the cached keys and values of all earlier ones.
+Training never passes one.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -34,8 +34,10 @@ from torch.utils.checkpoint import checkpoint
 from llmctl.config import ModelConfig
 from llmctl.cross_entropy import IGNORE_INDEX, linear_cross_entropy, reduce_losses
 from llmctl.dropout import dropout
-from llmctl.ngram import CountMixture, WindowView
-from llmctl.pointer import CopyPointer, earlier_positions, offered_tokens
+from llmctl.pointer import CopyPointer
+
+if TYPE_CHECKING:
+    from llmctl.inference import KVCache
 
 
 def padded_vocab_size(vocab_size: int, multiple: int) -> int:
@@ -85,108 +87,6 @@ def rope_at(start: int, end: int, head_dim: int, theta: float) -> tuple[torch.Te
     angles = torch.outer(torch.arange(start, end, dtype=torch.float64), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos().float(), angles.sin().float()
-
-
-class KVCache:
-    """Keys and values of every token a generation has seen: per layer a ring of L = max_seq_len
-    slots, (B, K, L, D), filled by `Transformer.forward(..., cache=cache)`.
-
-    Keys are stored after RoPE at their absolute positions. RoPE makes a score depend only on
-    the distance between query and key, so once the ring is full and each new token overwrites
-    the oldest, every query still sees its last L tokens at distances 0..L-1 — the distances
-    seen in training — and nothing is re-rotated (a sliding window, as in Mistral). A model
-    trained with attention sinks keeps them: the sink logit joins every softmax whatever the
-    ring holds. (StreamingLLM's alternative, keeping the first tokens as sinks, needs positions
-    re-assigned inside the cache; models without learned sinks simply slide.)
-
-    While the ring is filling, one forward may take up to `room()` tokens (a prefill); once it
-    slides, one token at a time.
-    """
-
-    def __init__(self, cfg: ModelConfig):
-        self.size = cfg.max_seq_len
-        self.keys: list[torch.Tensor | None] = [None] * cfg.n_layers  # allocated on first use,
-        self.values: list[torch.Tensor | None] = [None] * cfg.n_layers  # in the dtype autocast gives
-        self.pos = 0  # tokens seen so far = absolute position of the next token
-        self._mask: torch.Tensor | None = None  # (T, S) for the step in progress; None = attend to all
-        # Each slot's absolute position (-1 = empty), set by `begin`. With block-local attention
-        # a token attends only to its own block of `block` positions (absolute position // block).
-        self.block = cfg.attention_block if 0 < cfg.attention_block < cfg.max_seq_len else 0
-        self.slot_pos: torch.Tensor | None = None  # (L,)
-        # Each slot's input id, kept when the output reads the window (a copy pointer, a cache of
-        # n-grams), and a copy pointer's keys: each slot's final hidden state, in the same ring.
-        self.ids: torch.Tensor | None = None  # (B, L)
-        self.pointer_h: torch.Tensor | None = None  # (B, L, C)
-
-    def room(self) -> int:
-        return self.size - self.pos if self.pos < self.size else 1
-
-    def begin(self, T: int, device: torch.device) -> None:
-        """Prepare a step of T new tokens: new token i sees the cached tokens and new tokens 0..i."""
-        if T < 1 or T > self.room():
-            raise ValueError(f"a cached step takes 1..{self.room()} tokens now, got {T}")
-        S = self.pos + T
-        if self.slot_pos is None:
-            self.slot_pos = torch.full((self.size,), -1, dtype=torch.long, device=device)
-        query_pos = torch.arange(self.pos, S, device=device)  # (T,)
-        self.slot_pos[query_pos % self.size] = query_pos
-        if not self.block:
-            self._mask = None if T == 1 else (
-                torch.arange(S, device=device)[None, :] <= torch.arange(self.pos, S, device=device)[:, None])
-            return
-        key_pos = self.slot_pos[:S] if S <= self.size else self.slot_pos  # the keys `update` will return
-        self._mask = ((key_pos[None, :] >= 0) & (key_pos[None, :] <= query_pos[:, None])
-                      & (key_pos[None, :] // self.block == query_pos[:, None] // self.block))  # (T, S)
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Store this step's k, v (B, K, T, D); return all visible keys, values (B, K, S, D) and the mask."""
-        if self.keys[layer] is None:
-            shape = (k.size(0), k.size(1), self.size, k.size(3))
-            self.keys[layer] = torch.zeros(shape, dtype=k.dtype, device=k.device)
-            self.values[layer] = torch.zeros(shape, dtype=v.dtype, device=v.device)
-        keys, values = self.keys[layer], self.values[layer]
-        T = k.size(2)
-        if self.pos + T <= self.size:  # filling: slot = position, in order
-            keys[:, :, self.pos: self.pos + T] = k
-            values[:, :, self.pos: self.pos + T] = v
-            return keys[:, :, : self.pos + T], values[:, :, : self.pos + T], self._mask
-        slot = self.pos % self.size  # full: overwrite the oldest token; order no longer matters
-        keys[:, :, slot] = k[:, :, 0]
-        values[:, :, slot] = v[:, :, 0]
-        return keys, values, self._mask  # None unless attention is block-local
-
-    def _slots(self, T: int, device: torch.device) -> torch.Tensor:
-        return torch.arange(self.pos, self.pos + T, device=device) % self.size  # distinct: T <= room()
-
-    def store_ids(self, idx: torch.Tensor) -> None:
-        """Keep this step's inputs idx (B, T) in their slots (after `begin`, before `advance`)."""
-        if self.ids is None:
-            self.ids = torch.zeros(idx.size(0), self.size, dtype=torch.long, device=idx.device)
-        self.ids[:, self._slots(idx.size(1), idx.device)] = idx
-
-    def window(self, query_pos: torch.Tensor) -> WindowView:
-        """The ring's ids as seen by queries at absolute positions query_pos (Q,)."""
-        return WindowView(self.ids, self.slot_pos, query_pos, self.size)
-
-    def pointer_update(self, h: torch.Tensor, query_pos: torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Store this step's final hidden states h (B, T, C) (after `store_ids`, before
-        `advance`); return the pointer's keys (B, L, C), the token each offers (B, L) and which
-        ones each query at absolute positions `query_pos` (Q,) may point at (Q, L).
-
-        Key j offers x_{j+1}: the input one slot later, if that slot holds position j + 1. A
-        query at t sees keys t - L < j < t, as a training window of L tokens would."""
-        if self.pointer_h is None:
-            B, _, C = h.shape
-            self.pointer_h = torch.zeros(B, self.size, C, dtype=h.dtype, device=h.device)
-        self.pointer_h[:, self._slots(h.size(1), h.device)] = h.to(self.pointer_h.dtype)
-        view = self.window(query_pos)  # slot positions include this step's, set by `begin`
-        offered, known = view.offered()  # (B, L), (L,)
-        return self.pointer_h, offered, view.earlier() & known  # visible: (Q, L)
-
-    def advance(self, T: int) -> None:
-        self.pos += T
 
 
 class Attention(nn.Module):
@@ -340,11 +240,8 @@ class Transformer(nn.Module):
         self.tok_emb = nn.Embedding(padded_vocab_size(cfg.vocab_size, cfg.pad_vocab_multiple), cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.pointer = CopyPointer(cfg.d_model) if cfg.copy_pointer else None
-        # Counted n-grams mixed in at inference; pretrain fills them (`counts.fit`) from its text.
-        self.counts = (CountMixture(cfg.vocab_size, cfg.ngram_order, cfg.ngram_weight, cfg.cache_weight)
-                       if cfg.ngram_order or cfg.cache_weight else None)
         # The output projection reuses the embedding matrix (tied weights, Press & Wolf, 2017).
+        self.pointer = CopyPointer(cfg.d_model) if cfg.copy_pointer else None  # a second output head
         cos, sin = rope_tables(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -364,24 +261,27 @@ class Transformer(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                reduction: str = "mean", cache: KVCache | None = None,
-                last_only: bool = False) -> torch.Tensor:
-        """idx: (B, T) token ids. Returns logits (B, T, vocab) or, with targets (B, T), the
-        cross-entropy (targets of -100 are ignored; `reduction="sum"` for exact totals).
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean",
+                cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+        """idx: (B, T) token ids. Returns the vocabulary head's logits (B, T, V), of the last
+        position only with `last_only` (all a sampler needs); or, with targets (B, T), the
+        network's cross-entropy (targets of -100 are ignored; `reduction="sum"` for exact
+        totals, "none" for one loss per position, (B·T,)). With a `cache`, idx holds the
+        tokens that follow those the cache has seen."""
+        h = self.hidden(idx, cache)  # (B, T, C)
+        if targets is not None:
+            return self.loss(h, idx, targets, reduction)
+        return self.logits(h[:, -1:] if last_only else h)
 
-        With a `cache`, idx holds the tokens that follow those the cache has seen; their keys
-        and values are added to it. `last_only` computes logits for the last position only,
-        all a sampler needs."""
-        B, T = idx.shape
+    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Final hidden states (B, T, C), after the last norm: what the output heads read."""
+        T = idx.size(1)
         if cache is None:
             if T > self.cfg.max_seq_len:
                 raise ValueError(f"sequence of {T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
             cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         else:
             cache.begin(T, idx.device)
-            if self.pointer is not None or self.counts is not None:
-                cache.store_ids(idx)
             cos, sin = self._rope(cache.pos, cache.pos + T)
         x = dropout(self.tok_emb(idx), self.cfg.dropout, self.training)  # (B, T, C)
         for block in self.blocks:
@@ -389,41 +289,26 @@ class Transformer(nn.Module):
                 x = checkpoint(block, x, cos, sin, use_reentrant=False)
             else:
                 x = block(x, cos, sin, cache)
-        h = self.norm(x)  # (B, T, C)
-        queries = h[:, -1:] if last_only and targets is None else h  # (B, Q, C)
-        Q = queries.size(1)
-        if cache is not None:
-            query_pos = torch.arange(cache.pos + T - Q, cache.pos + T, device=idx.device)  # (Q,)
-        mixing = self.counts is not None and not self.training  # counts join at inference only
-        if targets is not None and self.pointer is None and not mixing:
-            # The output layer fused with its loss: no fp32 logits.
-            return linear_cross_entropy(h.flatten(0, 1), self.tok_emb.weight, targets.flatten(),
-                                        self.vocab_size, reduction)
-        if targets is not None:
-            log_probs = -linear_cross_entropy(h.flatten(0, 1), self.tok_emb.weight, targets.flatten(),
-                                              self.vocab_size, "none").view(B, T)  # (B, T)
-            if self.pointer is not None:
-                log_probs = self.pointer.target_log_probs(h, idx, targets, log_probs)
-            if mixing:
-                log_probs = self.counts.mix_targets(log_probs, WindowView.of_sequence(idx, T, self.cfg.max_seq_len),
-                                                    targets)
-            return reduce_losses(-log_probs.masked_fill(targets == IGNORE_INDEX, 0.0), targets, reduction)
-        # The matmul runs on the padded shape; the padding columns are dropped before the
-        # softmax so ids that do not exist get no probability.
-        logits = F.linear(queries, self.tok_emb.weight)[..., : self.vocab_size]  # (B, Q, vocab)
-        if self.pointer is not None:
-            if cache is not None:
-                keys, offered, visible = cache.pointer_update(h, query_pos)
-            else:
-                keys, offered = h, offered_tokens(idx)
-                visible = earlier_positions(T, idx.device)[T - Q:]  # (Q, T)
-            logits = self.pointer.mix(queries, keys, offered, visible, logits)  # log-probabilities
-        if mixing:
-            view = cache.window(query_pos) if cache is not None else WindowView.of_sequence(idx, Q, self.cfg.max_seq_len)
-            logits = self.counts.mix_log_probs(logits, view)
         if cache is not None:
             cache.advance(T)
-        return logits
+        return self.norm(x)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The vocabulary head: h (B, Q, C) -> (B, Q, V). The matmul runs on the padded
+        vocabulary; the padding columns are dropped so ids that do not exist get no probability."""
+        return F.linear(h, self.tok_emb.weight)[..., : self.vocab_size]
+
+    def loss(self, h: torch.Tensor, idx: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
+        """Cross-entropy of targets (B, T) under the network's distribution, from the final
+        hidden states h (B, T, C) of the inputs idx (B, T): the output layer fused with its
+        loss (no fp32 logits), and with a copy pointer its mixture with the vocabulary."""
+        if self.pointer is None:
+            return linear_cross_entropy(h.flatten(0, 1), self.tok_emb.weight, targets.flatten(),
+                                        self.vocab_size, reduction)
+        vocab_log_probs = -linear_cross_entropy(h.flatten(0, 1), self.tok_emb.weight, targets.flatten(),
+                                                self.vocab_size, "none").view_as(targets)  # (B, T)
+        log_probs = self.pointer.target_log_probs(h, idx, targets, vocab_log_probs)
+        return reduce_losses(-log_probs.masked_fill(targets == IGNORE_INDEX, 0.0), targets, reduction)
 
     def _rope(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE tables for positions start..end-1: the precomputed ones, or fresh past max_seq_len."""
@@ -431,25 +316,3 @@ class Transformer(nn.Module):
             return self.rope_cos[start:end], self.rope_sin[start:end]
         cos, sin = rope_at(start, end, self.rope_cos.size(1), self.cfg.rope_theta)
         return cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
-
-
-def llama_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
-    """The model's weights under transformers `LlamaForCausalLM` names (fused q/k/v and
-    gate/up split back); `lm_head.weight` is the tied embedding, without vocabulary padding."""
-    cfg, V = model.cfg, model.vocab_size
-    out = {"model.embed_tokens.weight": model.tok_emb.weight[:V], "model.norm.weight": model.norm.weight,
-           "lm_head.weight": model.tok_emb.weight[:V]}
-    for i, block in enumerate(model.blocks):
-        a, prefix = block.attn, f"model.layers.{i}."
-        H, K, D = a.n_heads, a.n_kv_heads, a.head_dim
-        q, k, v = a.wqkv.weight.split([H * D, K * D, K * D], dim=0)
-        gate, up = block.mlp.w13.weight.split(block.mlp.hidden, dim=0)
-        out.update({
-            prefix + "self_attn.q_proj.weight": q, prefix + "self_attn.k_proj.weight": k,
-            prefix + "self_attn.v_proj.weight": v, prefix + "self_attn.o_proj.weight": a.wo.weight,
-            prefix + "mlp.gate_proj.weight": gate, prefix + "mlp.up_proj.weight": up,
-            prefix + "mlp.down_proj.weight": block.mlp.w2.weight,
-            prefix + "input_layernorm.weight": block.attn_norm.weight,
-            prefix + "post_attention_layernorm.weight": block.mlp_norm.weight,
-        })
-    return {name: t.detach().contiguous().clone() for name, t in out.items()}

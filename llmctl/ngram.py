@@ -21,12 +21,10 @@ with b_t = b where the window holds an earlier occurrence of the current token, 
 Each part is a distribution over the vocabulary, so the mixture is one too: losses,
 perplexity and bits per byte keep their meaning, and nothing is learned from the text scored.
 
-The mixture applies at inference (`model.eval()`: evaluation and generation), not to the
-training loss: the counts hold the very text being trained on, and a network trained next to
-them would learn to lean on counts that are exact only on its training text. The weights are
-fixed numbers chosen on held-out text (benchmarks/sweep_local_results.md).
-
-Counts live in buffers, so checkpoints and `export --format safetensors` carry them; their
+The mixture applies at inference only (`llmctl.inference`), never to the training loss: the
+counts hold the very text being trained on, and a network trained next to them would learn to
+lean on counts that are exact only on its training text. The weights are fixed numbers chosen
+on held-out text (benchmarks/RESULTS.md). Checkpoints carry the tables under "counts"; their
 sizes come from the text, and loading takes whatever sizes the checkpoint has.
 
 Shapes: B batch, Q query positions, S window slots, V vocab, K = order - 1 context tokens.
@@ -34,15 +32,22 @@ Shapes: B batch, Q query positions, S window slots, V vocab, K = order - 1 conte
 
 from __future__ import annotations
 
+import copy
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 import torch.nn as nn
+
+from llmctl.window import QUERY_CHUNK, WindowView
+
+if TYPE_CHECKING:
+    from llmctl.config import ModelConfig
 
 DISCOUNT = 0.8  # absolute discount d; 0.75-0.9 scored alike on held-out text
 NOVEL_SHARE = 0.5  # the unigram's share given to the Zipf prior over ids (0.4-0.6 alike)
 ZIPF_OFFSET = 1000  # prior(id) ~ 1 / (id + offset): flat over the first ~1000 ids (bytes, common words)
 MAX_COUNTED_TOKENS = 100_000_000  # np.unique over more would need tens of GB; the first 100M suffice
-QUERY_CHUNK = 1024  # queries scored at once against the window
 
 
 def _lookup(sorted_keys: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,44 +58,23 @@ def _lookup(sorted_keys: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tenso
     return index, sorted_keys[index] == query
 
 
-class WindowView:
-    """Where a window's tokens are: ids (B, S) in slots whose absolute positions are key_pos (S,)
-    (-1 = empty), read by queries at absolute positions query_pos (Q,) that see their last
-    `window` positions. A training window is slot = position; a generation's KV cache is a ring."""
+def counts_for(cfg: "ModelConfig") -> "CountMixture | None":
+    """The (empty) counts a model config asks for, or None."""
+    if not (cfg.ngram_order or cfg.cache_weight):
+        return None
+    return CountMixture(cfg.vocab_size, cfg.ngram_order, cfg.ngram_weight, cfg.cache_weight)
 
-    def __init__(self, ids: torch.Tensor, key_pos: torch.Tensor, query_pos: torch.Tensor, window: int):
-        self.ids, self.key_pos, self.query_pos, self.window = ids, key_pos, query_pos, window
 
-    @classmethod
-    def of_sequence(cls, idx: torch.Tensor, queries: int, window: int) -> "WindowView":
-        """The last `queries` positions of idx (B, T), slot = position."""
-        T = idx.size(1)
-        positions = torch.arange(T, device=idx.device)
-        return cls(idx, positions, positions[T - queries:], window)
-
-    def queries(self, start: int, count: int = QUERY_CHUNK) -> "WindowView":
-        """The same window read by queries start .. start + count - 1 of this view's."""
-        return WindowView(self.ids, self.key_pos, self.query_pos[start: start + count], self.window)
-
-    def offered(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The token each key j offers, x_{j+1} (B, S), and whether it is known (S,): the slot
-        after j's holds position j + 1 (in a ring it may hold an older or no token)."""
-        following = (self.key_pos + 1).remainder(self.key_pos.numel())
-        known = (self.key_pos >= 0) & (self.key_pos[following] == self.key_pos + 1)
-        return self.ids[:, following], known
-
-    def earlier(self) -> torch.Tensor:
-        """(Q, S): key j is before query t and inside its window, t - window < j < t."""
-        t, j = self.query_pos[:, None], self.key_pos[None, :]
-        return (j >= 0) & (j < t) & (j > t - self.window)
-
-    def token_at(self, pos: torch.Tensor, reader_pos: torch.Tensor) -> torch.Tensor:
-        """Ids at absolute positions pos (broadcast with reader_pos), -1 where the slot does not
-        hold that position or it is outside the reader's window. Shapes: pos (..., X) -> (B, ..., X)."""
-        S = self.key_pos.numel()
-        slot = pos.remainder(S)
-        present = (pos >= 0) & (self.key_pos[slot] == pos) & (pos > reader_pos - self.window)
-        return torch.where(present, self.ids[:, slot], -1)
+def load_counts(cfg: "ModelConfig", model_state: dict[str, torch.Tensor],
+                saved: dict[str, torch.Tensor] | None) -> "CountMixture | None":
+    """The counts a checkpoint carries (`saved`, its "counts" entry), or None when its config
+    asks for none. Checkpoints from before the counts left the model keep them in the model's
+    state as "counts.*": those keys are taken out of `model_state` here."""
+    legacy = {k.removeprefix("counts."): model_state.pop(k) for k in list(model_state) if k.startswith("counts.")}
+    counts = counts_for(cfg)
+    if counts is not None:
+        counts.load_state_dict(saved if saved is not None else legacy)
+    return counts
 
 
 class CountMixture(nn.Module):
@@ -136,6 +120,12 @@ class CountMixture(nn.Module):
                 setattr(self, f"{name}{k}", torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64)).to(device))
         self.unigram = torch.from_numpy(unigram.astype(np.int64)).to(device)
         return len(t)
+
+    def without_cache(self) -> "CountMixture":
+        """The same tables with the window cache's part off (its weight back to the network)."""
+        view = copy.copy(self)  # shares the tables
+        view.cache_weight = 0.0
+        return view
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001 (torch's hook)
         # Table sizes come from the text counted: take the checkpoint's before copying into them.

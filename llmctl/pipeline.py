@@ -121,7 +121,7 @@ def score_pretrain(path: Path, cfg: Config) -> dict[str, Any]:
     """Loss, perplexity, bits per byte of a pretrain checkpoint on its run's validation split
     (its first eval.max_tokens targets), scored by llmctl.evaluate."""
     from llmctl.data.store import prepare_store
-    from llmctl.evaluate import bits_per_byte, evaluate_tokens, stream_bytes
+    from llmctl.evaluate import evaluate_tokens, stream_bytes
     from llmctl.loading import load_model
     from llmctl.runtime import autocast
 
@@ -130,17 +130,29 @@ def score_pretrain(path: Path, cfg: Config) -> dict[str, Any]:
     if cfg.eval.max_tokens:
         tokens = tokens[: cfg.eval.max_tokens + 1]
     result = evaluate_tokens(loaded.model, tokens, loaded.context_length, loaded.eval_batch_size, loaded.device,
-                             autocast(loaded.device, loaded.dtype))
-    n_bytes = stream_bytes(np.asarray(tokens), loaded.tokenizer)
-    return {"what": "validation split", "loss": result["loss"], "perplexity": result["perplexity"],
-            "bits_per_byte": bits_per_byte(result["loss_sum"], n_bytes), "tokens": result["tokens"]}
+                             autocast(loaded.device, loaded.dtype), counts=loaded.counts)
+    return {"what": "validation split", **_scores(result, stream_bytes(np.asarray(tokens), loaded.tokenizer))}
+
+
+def _scores(result: dict[str, Any], n_bytes: int) -> dict[str, Any]:
+    """The network's loss, perplexity and bits per byte, and the mixture's under "mixture"
+    where the checkpoint mixes counts in."""
+    from llmctl.evaluate import bits_per_byte
+
+    scores = {"loss": result["loss"], "perplexity": result["perplexity"],
+              "bits_per_byte": bits_per_byte(result["loss_sum"], n_bytes), "tokens": result["tokens"]}
+    if "mixture" in result:
+        mixture = result["mixture"]
+        scores["mixture"] = {"loss": mixture["loss"], "perplexity": mixture["perplexity"],
+                             "bits_per_byte": bits_per_byte(mixture["loss_sum"], n_bytes)}
+    return scores
 
 
 def score_sft(path: Path, cfg: Config) -> dict[str, Any]:
     """Response-only loss, perplexity and bits per byte of an SFT checkpoint on its held-out
     conversations (the same split its training evaluated)."""
     from llmctl.data.sft import ChatTemplate, encode_examples, load_sft_data
-    from llmctl.evaluate import bits_per_byte, evaluate_examples, response_bytes
+    from llmctl.evaluate import evaluate_examples, response_bytes
     from llmctl.loading import load_model
     from llmctl.runtime import autocast
 
@@ -151,11 +163,9 @@ def score_sft(path: Path, cfg: Config) -> dict[str, Any]:
     examples = encode_examples(data.validation, template, loaded.tokenizer, loaded.context_length)
     result = evaluate_examples(loaded.model, examples, loaded.config.eval_batch_size("sft"),
                                loaded.device, autocast(loaded.device, loaded.dtype), loaded.tokenizer.eos_id,
-                               cfg.eval.max_tokens)
-    n_bytes = response_bytes(examples, loaded.tokenizer, cfg.eval.max_tokens)
-    return {"what": f"responses of {len(examples)} held-out conversations", "loss": result["loss"],
-            "perplexity": result["perplexity"], "bits_per_byte": bits_per_byte(result["loss_sum"], n_bytes),
-            "tokens": result["tokens"]}
+                               cfg.eval.max_tokens, counts=loaded.counts)
+    return {"what": f"responses of {len(examples)} held-out conversations",
+            **_scores(result, response_bytes(examples, loaded.tokenizer, cfg.eval.max_tokens))}
 
 
 def make_samples(pretrain_path: Path, sft_path: Path, cfg: Config) -> dict[str, dict[str, str]]:
@@ -275,7 +285,8 @@ def _pipeline(cfg: Config, console: Console, say: Callable[[str], None], run_dir
                  "path": data["path"]},
         **{stage: {"status": status[stage], "steps": int(p["step"]), "tokens": int(p.get("tokens_seen", 0)),
                    "checkpoint": str(path), **{k: record["eval"][stage][k] for k in
-                                               ("loss", "perplexity", "bits_per_byte", "what")},
+                                               ("loss", "perplexity", "bits_per_byte", "what", "mixture")
+                                               if k in record["eval"][stage]},
                    "sample": record["samples"][stage]}
            for stage, p, path in (("pretrain", pre_payload, pre_final), ("sft", sft_payload, sft_final))},
         "eval": {"status": status["eval"]},
@@ -302,6 +313,12 @@ def render_summary(summary: dict[str, Any], console: Console) -> None:
         table.add_row(stage, row["status"], num("steps", ","), num("tokens", ","), num("loss", ".4f"),
                       num("perplexity", ".2f"), num("bits_per_byte", ".4f"), row.get("checkpoint") or row.get("path")
                       or "", shown[:160])
+        if "mixture" in row:  # the same checkpoint scored with its counted n-grams mixed in
+            mixed = row["mixture"]
+            table.add_row("  + counts", "", "", "", f"{mixed['loss']:.4f}", f"{mixed['perplexity']:.2f}",
+                          f"{mixed['bits_per_byte']:.4f}", "", "")
     console.print(table)
-    console.print(f"val loss: pretrain on its validation split, sft on held-out responses only; "
+    mixed = any("mixture" in summary["stages"][stage] for stage in STAGES)
+    console.print(f"val loss: pretrain on its validation split, sft on held-out responses only"
+                  f"{'; each of the network alone, and + counts: with its counted n-grams mixed in' if mixed else ''}; "
                   f"details in {summary['record']}", markup=False, highlight=False)

@@ -37,6 +37,7 @@ class Curves:
     val_steps: list[int] = field(default_factory=list)
     val_tokens: list[int] = field(default_factory=list)
     val_loss: list[float] = field(default_factory=list)
+    val_mixture_loss: list[float] = field(default_factory=list)  # with counts mixed in, where configured
 
     @property
     def points(self) -> int:
@@ -79,12 +80,15 @@ def load_curves(run_dir: Path, name: str | None = None) -> Curves:
             curves.val_steps.append(r["step"])
             curves.val_tokens.append(r.get("tokens", 0))
             curves.val_loss.append(float(r["val_loss"]))
+            if isinstance(r.get("val_mixture_loss"), (int, float)):
+                curves.val_mixture_loss.append(float(r["val_mixture_loss"]))
     return curves
 
 
 def loss_figure(runs: list[Curves]) -> Any:
     """A matplotlib Figure: axes[0] loss vs step, axes[1] loss vs tokens; for run i the lines
-    are `<name> train` then `<name> validation` (when it has evaluations)."""
+    are `<name> train` then `<name> validation` (when it has evaluations), then
+    `<name> validation, network + counts` when its config mixes counts in."""
     require_matplotlib()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -102,6 +106,9 @@ def loss_figure(runs: list[Curves]) -> Any:
             if run.val_loss:
                 ax.plot(val_x, run.val_loss, color=color, linestyle="--", marker="o", markersize=4,
                         linewidth=1.2, label=f"{run.name} validation")
+            if len(run.val_mixture_loss) == len(run.val_loss) and run.val_mixture_loss:
+                ax.plot(val_x, run.val_mixture_loss, color=color, linestyle=":", marker="s", markersize=4,
+                        linewidth=1.2, label=f"{run.name} validation, network + counts")
     by_step.set_xlabel("step")
     by_tokens.set_xlabel("tokens")
     by_tokens.xaxis.set_major_formatter(EngFormatter(sep=""))  # 1.2M, not 1200000

@@ -26,6 +26,7 @@ from llmctl.data.tokenizer import planned_vocab_size, resolve_tokenizer
 from llmctl.errors import ConfigError, LlmctlError
 from llmctl.evaluate import bits_per_byte, evaluate_tokens, stream_bytes
 from llmctl.model import Transformer
+from llmctl.ngram import counts_for
 from llmctl.runlock import hold_run_lock
 from llmctl.runtime import autocast, barrier, init_distributed, resolve_dtype, seed_everything
 from llmctl.trackers import check_trackers
@@ -150,7 +151,8 @@ def _pretrain(cfg: Config, console: Console, run_dir: Path, overwrite: bool, res
 
     seed_everything(cfg.run.seed)
     model = Transformer(cfg.model).to(device)
-    counted = model.counts.fit(train_tokens) if model.counts is not None else 0  # n-grams mixed in at inference
+    counts = counts_for(cfg.model)  # n-grams mixed in at inference, never in training
+    counted = counts.to(device).fit(train_tokens) if counts is not None else 0
     auto_micro = cfg.pretrain.micro_batch_size == AUTO
     cfg = with_micro_batch(cfg, STAGE, model, device, dtype, dist_info, point.state["config"] if point else None)
     batches = training_windows(store, cfg.data.weights, seq_len, cfg.pretrain.micro_batch_size,
@@ -161,10 +163,12 @@ def _pretrain(cfg: Config, console: Console, run_dir: Path, overwrite: bool, res
 
     def evaluate() -> dict[str, float]:
         result = evaluate_tokens(model, val_tokens, cfg.model.max_seq_len, eval_batch, device,
-                                 autocast(device, dtype), cfg.eval.max_tokens, dist=dist_info)
+                                 autocast(device, dtype), cfg.eval.max_tokens, dist=dist_info, counts=counts)
         if not scored_bytes:
             scored_bytes.append(stream_bytes(val_tokens[: result["tokens"] + 1], tokenizer))
-        result["bits_per_byte"] = bits_per_byte(result["loss_sum"], scored_bytes[0])
+        for scores in (result, result.get("mixture")):
+            if scores is not None:
+                scores["bits_per_byte"] = bits_per_byte(scores["loss_sum"], scored_bytes[0])
         return result
 
     # Nothing was written before this point: every input has been checked.
@@ -178,8 +182,9 @@ def _pretrain(cfg: Config, console: Console, run_dir: Path, overwrite: bool, res
              f"data: {len(train_tokens):,} train tokens, {len(val_tokens):,} validation tokens (cache {store.path})"]
     if counted:
         intro.append(f"counts: order-{cfg.model.ngram_order} n-grams of {counted:,} training tokens, mixed in at "
-                     f"evaluation and generation (model.ngram_weight {cfg.model.ngram_weight}, "
-                     f"model.cache_weight {cfg.model.cache_weight})")
+                     f"evaluation (model.ngram_weight {cfg.model.ngram_weight}, model.cache_weight "
+                     f"{cfg.model.cache_weight}); validation scores the network alone and with them")
     return fit_stage(cfg, STAGE, console, model=model, batches=batches, evaluate=evaluate, tokenizer=tokenizer,
                      data_meta=data_meta, device=device, dtype=dtype, point=point, intro=intro,
-                     overwrite=overwrite, resume_command=resume_command, dist_info=dist_info)
+                     overwrite=overwrite, resume_command=resume_command, dist_info=dist_info,
+                     checkpoint_extra={"counts": counts.state_dict()} if counts is not None else None)

@@ -43,7 +43,9 @@ def step_line(r: dict[str, Any]) -> str:
 
 
 def eval_line(r: dict[str, Any]) -> str:
-    return (f"eval step {r['step']} | val_loss {r['val_loss']:.4f} | val_ppl {r['val_perplexity']:.2f} | "
+    mixture = (f" | with counts: val_loss {r['val_mixture_loss']:.4f} | val_ppl {r['val_mixture_perplexity']:.2f}"
+               if "val_mixture_loss" in r else "")
+    return (f"eval step {r['step']} | val_loss {r['val_loss']:.4f} | val_ppl {r['val_perplexity']:.2f}{mixture} | "
             f"{r['val_tokens']:,} tokens in {r['eval_seconds']:.1f}s")
 
 

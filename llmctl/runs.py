@@ -193,9 +193,14 @@ def _derived_state(run_dir: Path, found: list[tuple[str, int | None, Path]]) -> 
     return "interrupted", "no status record and no final checkpoint"
 
 
-def _bits_per_byte(record: dict[str, Any]) -> float | None:
-    value = record.get("val_bits_per_byte", record.get("bits_per_byte"))
+def _bits_per_byte(record: dict[str, Any], key: str = "val_bits_per_byte") -> float | None:
+    value = record.get(key, record.get("bits_per_byte") if key == "val_bits_per_byte" else None)
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def _number(record: dict[str, Any] | None, key: str) -> float | None:
+    value = (record or {}).get(key)
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def summarize_run(run_dir: Path) -> dict[str, Any]:
@@ -242,6 +247,9 @@ def summarize_run(run_dir: Path) -> dict[str, Any]:
         "best_step": best["step"] if best else None,
         "val_bits_per_byte": _bits_per_byte(last) if last else None,
         "best_val_bits_per_byte": min(bpb) if bpb else None,
+        # The network mixed with counted n-grams, where the run's config mixes them in.
+        "val_mixture_perplexity": _number(last, "val_mixture_perplexity"),
+        "val_mixture_bits_per_byte": _bits_per_byte(last, "val_mixture_bits_per_byte") if last else None,
         "wall_seconds": wall_seconds(train, evals), "checkpoint": str(newest) if newest else None,
         "started_at": started,
     }
@@ -290,13 +298,14 @@ def runs_table(rows: list[dict[str, Any]], title: str):
     from rich.table import Table
 
     with_bpb = any(r["val_bits_per_byte"] is not None for r in rows)
+    with_mixture = any(r.get("val_mixture_perplexity") is not None for r in rows)
     table = Table(title=title)
     columns = ["run", "stage", "steps", "tokens", "val ppl", "best ppl"]
     columns += ["bits/byte", "best b/B"] if with_bpb else []
+    columns += ["+counts ppl"] + (["+counts b/B"] if with_bpb else []) if with_mixture else []
     columns += ["wall", "state", "newest checkpoint"]
     for c in columns:
-        table.add_column(c, justify="right" if c in ("steps", "tokens", "val ppl", "best ppl", "bits/byte",
-                                                     "best b/B", "wall") else "left")
+        table.add_column(c, justify="left" if c in ("run", "stage", "state", "newest checkpoint") else "right")
 
     def num(v: float | None, fmt: str) -> str:
         return "-" if v is None else format(v, fmt)
@@ -307,6 +316,9 @@ def runs_table(rows: list[dict[str, Any]], title: str):
         cells = [escape(r["name"]), r["stage"] or "-", steps, compact(r["tokens"]), num(r["val_perplexity"], ".2f"), best]
         if with_bpb:
             cells += [num(r["val_bits_per_byte"], ".4f"), num(r["best_val_bits_per_byte"], ".4f")]
+        if with_mixture:
+            cells += [num(r.get("val_mixture_perplexity"), ".2f")]
+            cells += [num(r.get("val_mixture_bits_per_byte"), ".4f")] if with_bpb else []
         state = f"[{STATE_STYLE[r['state']]}]{r['state']}[/]"
         cells += [duration(r["wall_seconds"]), state, escape(Path(r["checkpoint"]).name) if r["checkpoint"] else "-"]
         table.add_row(*cells)

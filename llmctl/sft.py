@@ -51,6 +51,7 @@ from llmctl.data.tokenizer import TextTokenizer
 from llmctl.errors import ConfigError, LlmctlError
 from llmctl.evaluate import evaluate_examples
 from llmctl.model import Transformer
+from llmctl.ngram import counts_for
 from llmctl.stage import fit_stage, run_dir_of, say_to
 from llmctl.runlock import hold_run_lock
 from llmctl.runtime import autocast, init_distributed, resolve_dtype, seed_everything
@@ -103,8 +104,10 @@ def load_base(source: str) -> Base:
         raise LlmctlError(f"{path} lacks {', '.join(missing)}; sft starts from a checkpoint written by "
                           f"llmctl pretrain or sft")
     template = ChatTemplate.from_state(payload["template"]) if "template" in payload else ChatTemplate()
+    weights = {k: v for k, v in payload["model"].items()
+               if not k.startswith("counts.")}  # older checkpoints kept their counts here; sft counts anew
     return Base(path, config_from_dict(payload["config"]), TextTokenizer.from_state(payload["tokenizer"]),
-                template, payload["model"])
+                template, weights)
 
 
 # --------------------------------------------------------------------------- config
@@ -279,15 +282,16 @@ def _sft(cfg: Config, base: Base, console: Console, run_dir: Path, overwrite: bo
                               f"({str(e).splitlines()[0]})") from None
     base.weights = None  # the model holds them now
     model.to(device)
-    if model.counts is not None:  # n-grams of the text it is tuned on now, conversations end to end
-        model.counts.fit(np.concatenate([np.asarray(e.input_ids, dtype=np.int64) for e in train]))
+    counts = counts_for(cfg.model)  # n-grams of the text it is tuned on now, conversations end to end
+    if counts is not None:
+        counts.to(device).fit(np.concatenate([np.asarray(e.input_ids, dtype=np.int64) for e in train]))
     cfg = with_micro_batch(cfg, STAGE, model, device, dtype, dist_info, point.state["config"] if point else None)
     batches = ExampleBatches(train, cfg.sft.micro_batch_size, tokenizer.eos_id, cfg.run.seed)
     eval_batch = cfg.eval_batch_size(STAGE)
 
     def evaluate() -> dict[str, float]:
         return evaluate_examples(model, validation, eval_batch, device, autocast(device, dtype),
-                                 tokenizer.eos_id, cfg.eval.max_tokens, dist=dist_info)
+                                 tokenizer.eos_id, cfg.eval.max_tokens, dist=dist_info, counts=counts)
 
     samples: list[SampleCallback] = []
 
@@ -307,13 +311,15 @@ def _sft(cfg: Config, base: Base, console: Console, run_dir: Path, overwrite: bo
              _data_line(data, train, truncated, max_len),
              f"template: user {template.user!r}, reply {template.assistant_prefix + template.assistant!r} "
              f"then end-of-text; loss on replies only"]
-    if model.counts is not None and cfg.model.ngram_order:
+    if counts is not None and cfg.model.ngram_order:
         intro.append(f"counts: order-{cfg.model.ngram_order} n-grams re-counted on the training conversations, "
                      f"mixed in at evaluation and generation")
     summary = fit_stage(cfg, STAGE, console, model=model, batches=batches, evaluate=evaluate, tokenizer=tokenizer,
                         data_meta=meta, device=device, dtype=dtype, point=point, intro=intro, overwrite=overwrite,
                         resume_command=resume_command, seq_len=mean_len,
-                        checkpoint_extra={"template": template.to_state()}, callbacks=callbacks, dist_info=dist_info)
+                        checkpoint_extra={"template": template.to_state(),
+                                          **({"counts": counts.state_dict()} if counts is not None else {})},
+                        callbacks=callbacks, dist_info=dist_info)
     summary.update(examples=len(train), held_out=len(validation), truncated=truncated, skipped=data.skipped,
                    samples=samples[0].last if samples else [], base=str(base.path))
     return summary

@@ -145,8 +145,8 @@ class Trainer:
         elif self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
-            # Buffers are not re-broadcast each step: every rank builds the same ones (RoPE tables,
-            # n-gram counts that may run to hundreds of MB), and none changes in training.
+            # Buffers are not re-broadcast each step: every rank builds the same ones (the RoPE
+            # tables), and none changes in training.
             with warnings.catch_warnings():  # newer torch renames the option; the old one still means this
                 warnings.simplefilter("ignore", FutureWarning)
                 self._ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
@@ -457,6 +457,9 @@ class Trainer:
                   "best": math.isfinite(result["loss"]) and (best is None or result["loss"] < best["val_loss"])}
         if "bits_per_byte" in result:
             record["val_bits_per_byte"] = result["bits_per_byte"]
+        for key, value in result.get("mixture", {}).items():  # the network mixed with counts, beside it
+            if key != "loss_sum":
+                record[f"val_mixture_{key}"] = value
         self.history.append(record)
         for cb in self.callbacks:
             cb.on_eval(self, record)

@@ -225,7 +225,7 @@ def test_safetensors_export_round_trips_llmctl_weights_config_and_tokenizer(work
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["files"] == ["config.toml", "llmctl.json", "model.safetensors", "tokenizer.json"]
-    model, tokenizer, cfg, meta = load_safetensors_folder(out)
+    model, _, tokenizer, cfg, meta = load_safetensors_folder(out)
     original = load_model(sources["sft"], device="cpu")
     for name, tensor in original.model.state_dict().items():  # llmctl's names, bit for bit
         assert torch.equal(model.state_dict()[name], tensor), name

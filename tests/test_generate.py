@@ -15,7 +15,8 @@ from llmctl.config import ModelConfig, load_config
 from llmctl.errors import ConfigError
 from llmctl.generate import (IncrementalDecoder, Sampling, StopFilter, complete, filter_logits, generate_text,
                              next_token, token_stream, unescape)
-from llmctl.model import KVCache, Transformer, apply_rope, rope_at
+from llmctl.inference import KVCache
+from llmctl.model import Transformer, apply_rope, rope_at
 
 
 

@@ -103,7 +103,7 @@ def test_llama_state_dict_gives_transformers_llama_the_same_logits(kv_heads):
     """The fused q/k/v and gate/up tensors split back into LlamaForCausalLM's one for one."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from llmctl.model import llama_state_dict
+    from llmctl.export import llama_state_dict
 
     torch.manual_seed(0)
     cfg = tiny_cfg(n_kv_heads=kv_heads)
@@ -190,7 +190,7 @@ def test_block_attention_reads_only_its_own_block_in_training_and_in_cached_gene
     """model.attention_block = 4 with a 16-token context: position t attends to the positions of
     its block (t // 4) up to t, whether the window runs at once or token by token from a cache,
     and once the cache slides, as a window starting at the block would."""
-    from llmctl.model import KVCache
+    from llmctl.inference import KVCache
 
     torch.manual_seed(0)
     model = Transformer(tiny_cfg(attention_block=4, use_attention_sinks=sinks)).eval()

@@ -1,8 +1,9 @@
 """Counted n-grams mixed into the predictions (`model.ngram_order`, `model.cache_weight`): the
 n-gram model is interpolated absolute discounting to the letter, the window cache counts the
 continuations of the last two tokens (else the last one), the mixture is one distribution in
-evaluation and cached generation, training ignores it, and the counts survive a checkpoint.
-Also `pretrain.seq_len`: training on sequences shorter than the model's window."""
+evaluation and cached generation, composed by `llmctl.inference` outside the network (which
+computes the same in train and eval mode), and the counts survive a checkpoint, old layout
+included. Also `pretrain.seq_len`: training on sequences shorter than the model's window."""
 
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ import torch
 
 from conftest import PYTHON
 from llmctl.config import ModelConfig
-from llmctl.model import KVCache, Transformer
-from llmctl.ngram import DISCOUNT, NOVEL_SHARE, ZIPF_OFFSET, CountMixture, WindowView
+from llmctl.inference import Generation, Predictor
+from llmctl.model import Transformer
+from llmctl.ngram import DISCOUNT, NOVEL_SHARE, ZIPF_OFFSET, CountMixture, counts_for, load_counts
+from llmctl.window import WindowView
 from small_runs import small_run_args
 
 V = 12
@@ -75,67 +78,78 @@ def test_the_cache_reads_the_continuations_of_the_last_two_tokens_else_the_last_
     assert cache_distribution(10) == {7: 1.0}  # t = 10 sees positions 7..10: one "1" (at 7), no "5 1"
 
 
-def counted_model(seed: int = 0, **overrides) -> Transformer:
+def counted_model(seed: int = 0, **overrides) -> tuple[Transformer, CountMixture | None]:
     torch.manual_seed(seed)
     settings = dict(vocab_size=V, d_model=32, n_layers=2, n_heads=4, max_seq_len=16, copy_pointer=True,
                     ngram_order=3, ngram_weight=0.3, cache_weight=0.2)
-    model = Transformer(ModelConfig(**{**settings, **overrides}))
-    if model.counts is not None:
-        model.counts.fit(np.random.default_rng(seed).integers(0, 8, 2000))
-    return model.eval()
+    cfg = ModelConfig(**{**settings, **overrides})
+    model, counts = Transformer(cfg), counts_for(cfg)
+    if counts is not None:
+        counts.fit(np.random.default_rng(seed).integers(0, 8, 2000))
+    return model.eval(), counts
 
 
 def test_the_mixture_is_one_distribution_and_the_loss_is_its_log_probability():
-    model = counted_model()
+    model, counts = counted_model()
     idx = torch.randint(0, 8, (2, 16))
     targets = torch.randint(0, V, (2, 16))
     targets[1, 4] = -100
-    with torch.no_grad():
-        log_probs = model(idx).double()  # (B, T, V) log-probabilities of the mixture
-        per_token = model(idx, targets, reduction="none").view(2, 16)
+    with torch.no_grad():  # (B, T, V): each position's mixture, from a generation fed the prefix
+        log_probs = torch.stack([Generation(model, counts).feed(idx[:, : t + 1]) for t in range(16)], 1).double()
+        network_sum, mixture_sum = Predictor(model, counts).score(idx, targets)
     assert torch.allclose(log_probs.exp().sum(-1), torch.ones(2, 16, dtype=torch.float64), atol=1e-5)
     expected = -log_probs.gather(2, targets.clamp(min=0)[..., None])[..., 0].masked_fill(targets == -100, 0.0)
-    assert torch.allclose(per_token.double(), expected, atol=1e-4)
-    without = counted_model(ngram_order=0, ngram_weight=0.0, cache_weight=0.0)  # same seed: same network
+    assert float(mixture_sum) == pytest.approx(float(expected.sum()), rel=1e-5)
     with torch.no_grad():
-        assert not torch.allclose(model(idx, targets), without(idx, targets))
+        assert float(network_sum) == pytest.approx(float(model(idx, targets, reduction="sum")), rel=1e-6)
+    assert abs(float(mixture_sum) - float(network_sum)) > 1e-3  # the counts change the score...
 
 
-def test_training_loss_is_the_networks_own():
-    model, plain = counted_model(), counted_model(ngram_order=0, ngram_weight=0.0, cache_weight=0.0)
-    model.train(), plain.train()
+def test_the_network_is_the_same_in_train_and_eval_mode_and_the_counts_live_outside_it():
+    model, counts = counted_model()
+    plain, _ = counted_model(ngram_order=0, ngram_weight=0.0, cache_weight=0.0)  # same seed: same network
     idx, targets = torch.randint(0, 8, (2, 16)), torch.randint(0, 8, (2, 16))
-    assert torch.equal(model(idx, targets), plain(idx, targets))
+    with torch.no_grad():
+        evaluated = model.eval()(idx), model(idx, targets)
+        trained = model.train()(idx), model(idx, targets)
+    assert torch.equal(evaluated[0], trained[0]) and torch.equal(evaluated[1], trained[1])  # dropout 0
+    assert torch.equal(trained[1], plain.train()(idx, targets))  # the config's counts are not in the model
+    assert not any(name.startswith("counts") for name in model.state_dict())
 
 
 def test_cached_generation_gives_the_uncached_mixture_and_slides_past_the_window():
-    model = counted_model()
+    model, counts = counted_model()
     seq = torch.randint(0, 6, (1, 40))
-    cache = KVCache(model.cfg)
+    state = Generation(model, counts)
     L = model.cfg.max_seq_len
     with torch.no_grad():
-        steps = [model(seq[:, :5], cache=cache, last_only=True)[:, -1]]
-        steps += [model(seq[:, t: t + 1], cache=cache, last_only=True)[:, -1] for t in range(5, seq.size(1))]
+        steps = [state.feed(seq[:, :5])]
+        steps += [state.feed(seq[:, t: t + 1]) for t in range(5, seq.size(1))]
         for i, logits in enumerate(steps[: L - 4]):  # while the ring fills: exactly the full forward
-            full = model(seq[:, : 5 + i], last_only=True)[:, -1]
+            full = Generation(model, counts).feed(seq[:, : 5 + i])
             assert torch.allclose(logits, full, atol=1e-4), i
         # Once it slides, the counts read what a window of the last L tokens holds (the
         # network's cached keys, computed with longer contexts, may differ slightly).
         t = seq.size(1) - 1
         uniform = torch.zeros(1, 1, V)
-        from_ring = model.counts.mix_log_probs(uniform, cache.window(torch.tensor([t])))
-        from_window = model.counts.mix_log_probs(uniform, WindowView.of_sequence(seq[:, t + 1 - L: t + 1], 1, L))
+        from_ring = counts.mix_log_probs(uniform, state.ring.view(torch.tensor([t])))
+        from_window = counts.mix_log_probs(uniform, WindowView.of_sequence(seq[:, t + 1 - L: t + 1], 1, L))
         assert torch.allclose(from_ring, from_window, atol=1e-6)
     assert all(torch.isfinite(step).all() for step in steps)
 
 
-def test_the_counts_travel_with_the_weights():
-    model = counted_model()
-    fresh = Transformer(model.cfg).eval()  # empty tables: their sizes come from the state dict
-    fresh.load_state_dict(model.state_dict())
-    idx = torch.randint(0, 8, (1, 16))
-    with torch.no_grad():
-        assert torch.equal(fresh(idx), model(idx))
+def test_the_counts_load_from_their_own_entry_and_from_the_older_layout_inside_the_model_state():
+    model, counts = counted_model()
+    idx, targets = torch.randint(0, 8, (1, 16)), torch.randint(0, 8, (1, 16))
+    expected = Predictor(model, counts).score(idx, targets)
+    saved = {k: v.clone() for k, v in counts.state_dict().items()}
+    older = {**model.state_dict(), **{f"counts.{k}": v for k, v in saved.items()}}  # before the counts left the model
+    for model_state, entry in ((dict(model.state_dict()), saved), (older, None)):
+        loaded = load_counts(model.cfg, model_state, entry)  # empty tables: sizes come from the state
+        fresh = Transformer(model.cfg).eval()
+        fresh.load_state_dict(model_state)  # strict: the counts' keys were taken out
+        got = Predictor(fresh, loaded).score(idx, targets)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
 
 
 @pytest.mark.parametrize("setting, message", [
@@ -167,22 +181,53 @@ def test_a_counted_model_trains_on_short_sequences_evaluates_generates_and_expor
     run_dir = tmp_path / "experiments" / "runs" / "counts"
     log = (run_dir / "training.log").read_text()
     assert "(4 x 16," in log and "counts: order-3 n-grams of" in log  # 16-token sequences, a 32-token model
+    # Validation is reported two ways: the network's own scores, and with the counts mixed in.
+    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if "val_loss" in line]
+    assert evals and all({"val_mixture_loss", "val_mixture_perplexity", "val_mixture_bits_per_byte"} <= set(e)
+                         for e in evals)
+    assert "with counts: val_loss" in log
+    runs = llmctl("runs", "--json")
+    assert runs.returncode == 0 and json.loads(runs.stdout)["runs"][0]["val_mixture_perplexity"] > 0, runs.stderr[-2000:]
+
     scored = llmctl("eval", "-c", str(run_dir), "--data", f"text:{shakespeare}", "--json")
     assert scored.returncode == 0, scored.stderr[-2000:]
     report = json.loads(scored.stdout)
     (row,) = report["datasets"].values()
-    assert report["context"] == 32 and 0 < row["bits_per_byte"] < 8
+    assert report["context"] == 32 and 0 < row["bits_per_byte"] < 8 and 0 < row["mixture"]["bits_per_byte"] < 8
+    # The network's score is what the same weights score with no counts at all.
+    from llmctl.evaluate import evaluate_model
+    from llmctl.loading import load_model
+
+    loaded = load_model(run_dir, device="cpu")
+    assert loaded.counts is not None
+    loaded.counts = None
+    alone = evaluate_model(loaded, [f"text:{shakespeare}"])["datasets"][f"text:{shakespeare}"]
+    assert alone["loss"] == pytest.approx(row["loss"], rel=1e-6) and "mixture" not in alone
+    table = subprocess.run([PYTHON, "-m", "llmctl", "eval", "-c", str(run_dir), "--data", f"text:{shakespeare}"],
+                           cwd=tmp_path, env={**cli_env, "COLUMNS": "200"}, capture_output=True, text=True, timeout=300)
+    assert "network + counts" in table.stdout and f"{row['mixture']['loss']:.4f}" in table.stdout
+
+    # A checkpoint in the older layout (counts inside the model's state) scores the same.
+    final = next(run_dir.glob("*_final.pt"))
+    payload = torch.load(final, weights_only=True)
+    payload["model"].update({f"counts.{k}": v for k, v in payload.pop("counts").items()})
+    torch.save(payload, tmp_path / "older.pt")
+    older = llmctl("eval", "-c", str(tmp_path / "older.pt"), "--data", f"text:{shakespeare}", "--json")
+    assert older.returncode == 0, older.stderr[-2000:]
+    assert json.loads(older.stdout)["datasets"] == {k: {**v, "seconds": json.loads(older.stdout)["datasets"][k]
+                                                        ["seconds"]} for k, v in report["datasets"].items()}
+
     generated = llmctl("generate", "-c", str(run_dir), "-p", "ROMEO:", "-m", "40", "--temperature", "0")
     assert generated.returncode == 0 and generated.stdout.strip(), generated.stderr[-2000:]
-    refused = llmctl("export", "-c", str(run_dir), str(tmp_path / "hf"))
-    assert refused.returncode != 0 and "Traceback" not in refused.stderr and not (tmp_path / "hf").exists()
-    assert "model.ngram_order" in refused.stderr and "--format safetensors" in refused.stderr
+    hf = llmctl("export", "-c", str(run_dir), str(tmp_path / "hf"))  # the network alone, with a note
+    assert hf.returncode == 0 and "stay behind" in hf.stderr, hf.stderr[-2000:]
     exported = llmctl("export", "-c", str(run_dir), "--format", "safetensors", str(tmp_path / "weights"))
     assert exported.returncode == 0, exported.stderr[-2000:]
     from llmctl.export import load_safetensors_folder
 
-    model, _, config, _ = load_safetensors_folder(tmp_path / "weights")
-    assert config.model.ngram_order == 3 and model.counts.contexts2.numel() > 0 and model.counts.unigram.sum() > 0
+    _, counts, _, config, _ = load_safetensors_folder(tmp_path / "weights")
+    assert config.model.ngram_order == 3 and counts.contexts2.numel() > 0 and counts.unigram.sum() > 0
 
     # SFT re-counts on its own conversations: the counts it carries are the tuned-on text's.
     records = [{"prompt": f"Name number {i}.", "response": f"Number {i} it is."} for i in range(40)]

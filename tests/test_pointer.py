@@ -13,7 +13,8 @@ import torch
 
 from conftest import PYTHON
 from llmctl.config import ModelConfig
-from llmctl.model import KVCache, Transformer
+from llmctl.inference import Generation
+from llmctl.model import Transformer
 from small_runs import small_run_args
 
 CONTEXT = 16
@@ -31,13 +32,19 @@ def pointer_model(seed: int = 0, **overrides) -> Transformer:
     return model
 
 
+def distribution(model: Transformer, idx: torch.Tensor) -> torch.Tensor:
+    """The network's next-token log-probabilities at every position of idx (B, T) -> (B, T, V),
+    each from a fresh generation fed the prefix."""
+    return torch.stack([Generation(model).feed(idx[:, : t + 1]) for t in range(idx.size(1))], dim=1)
+
+
 def test_the_loss_is_the_mixture_distribution_and_it_sums_to_one():
     model = pointer_model()
     idx = torch.randint(0, 8, (2, CONTEXT))  # few distinct ids: many earlier copies to point at
     targets = torch.randint(0, 8, (2, CONTEXT))
     targets[0, 3] = -100
     with torch.no_grad():
-        log_probs = torch.log_softmax(model(idx), dim=-1)  # (B, T, V): the mixture as logits
+        log_probs = torch.log_softmax(distribution(model, idx), dim=-1)  # (B, T, V): the pointer's mixture
         per_token = model(idx, targets, reduction="none").view(2, CONTEXT)
         total = model(idx, targets, reduction="sum")
         mean = model(idx, targets)
@@ -58,17 +65,15 @@ def test_pointing_only_copies_the_tokens_that_followed_earlier_positions():
         model.pointer.sentinel.bias.fill_(-1e4)
     idx = torch.tensor([[7, 3, 9, 3, 5, 3]])
     with torch.no_grad():
-        probs = torch.softmax(model(idx), dim=-1)[0]  # (T, V)
+        probs = torch.softmax(distribution(model, idx), dim=-1)[0]  # (T, V)
     # t = 4 (input 5): earlier j = 0..3 offer x_1..x_4 = 3, 9, 3, 5
     assert probs[4, 3] == pytest.approx(0.5, abs=1e-5)
     assert probs[4, 9] == pytest.approx(0.25, abs=1e-5) and probs[4, 5] == pytest.approx(0.25, abs=1e-5)
     assert probs[4, 7] == pytest.approx(0.0, abs=1e-6)  # x_0 follows nothing
     assert probs[2, 3] == pytest.approx(0.5, abs=1e-5) and probs[2, 9] == pytest.approx(0.5, abs=1e-5)
     # position 0 has nothing to point at: the vocabulary's distribution alone, whatever the sentinel
-    pointer, model.pointer = model.pointer, None
     with torch.no_grad():
-        vocab_only = torch.softmax(model(idx), dim=-1)[0]
-    model.pointer = pointer
+        vocab_only = torch.softmax(model(idx), dim=-1)[0]  # the vocabulary head alone
     assert torch.allclose(probs[0], vocab_only[0], atol=1e-5)
     assert not torch.allclose(probs[4], vocab_only[4], atol=1e-3)
 
@@ -76,20 +81,19 @@ def test_pointing_only_copies_the_tokens_that_followed_earlier_positions():
 def test_cached_generation_gives_the_uncached_distribution_and_slides_past_the_context():
     model = pointer_model()
     seq = torch.randint(0, 8, (1, 3 * CONTEXT))
-    cache = KVCache(model.cfg)
+    state = Generation(model)
     with torch.no_grad():
-        steps = [model(seq[:, :5], cache=cache, last_only=True)[:, -1]]  # a prefill, then one token at a time
-        steps += [model(seq[:, t: t + 1], cache=cache, last_only=True)[:, -1] for t in range(5, seq.size(1))]
+        steps = [state.feed(seq[:, :5])]  # a prefill, then one token at a time
+        steps += [state.feed(seq[:, t: t + 1]) for t in range(5, seq.size(1))]
         for i, logits in enumerate(steps[: CONTEXT - 4]):  # while the ring fills: exactly the full forward
-            seen = seq[:, : 5 + i]
-            full = model(seen, last_only=True)[:, -1]
+            full = Generation(model).feed(seq[:, : 5 + i])
             assert torch.allclose(torch.log_softmax(logits, -1), torch.log_softmax(full, -1), atol=1e-4)
     # Once the ring slides, a query at t points at keys t - L < j < t, each offering x_{j+1}.
     t = seq.size(1) - 1
-    h = torch.zeros(1, 1, model.cfg.d_model)
-    cache.pos -= 1  # look at the last step again: rewrite the same slot
-    keys, offered, visible = cache.pointer_update(h, torch.tensor([t]))
-    positions = cache.slot_pos[visible[0]]
+    view = state.ring.view(torch.tensor([t]))
+    offered, known = view.offered()
+    visible = view.earlier() & known
+    positions = state.ring.slot_pos[visible[0]]
     assert sorted(positions.tolist()) == list(range(t - CONTEXT + 1, t))
     assert offered[0, visible[0]].tolist() == seq[0, positions + 1].tolist()
     assert all(torch.isfinite(step).all() for step in steps)
@@ -145,5 +149,5 @@ def test_a_pointer_model_trains_evaluates_generates_and_exports_as_llmctl_weight
     assert exported.returncode == 0, exported.stderr[-2000:]
     from llmctl.export import load_safetensors_folder
 
-    model, _, config, _ = load_safetensors_folder(tmp_path / "weights")
+    model, _, _, config, _ = load_safetensors_folder(tmp_path / "weights")
     assert model.pointer is not None and config.model.copy_pointer
