@@ -320,6 +320,10 @@ def generate(
         "--no-cache", help="Re-run the whole context every token instead of using the KV cache (slow).")] = False,
     raw: Annotated[bool, typer.Option(
         "--raw", help="Feed the prompt as it is, without an SFT checkpoint's chat template.")] = False,
+    counts: Annotated[str, typer.Option(
+        "--counts", help="For a checkpoint with counted n-grams (model.ngram_order): sample from the network "
+                         "alone (off), mixed with the training text's n-grams (ngram), or with those and the "
+                         "window cache (all, which tends to repeat itself).")] = "off",
 ) -> None:
     """Write text with a trained model; the text streams to stdout, a summary goes to stderr.
 
@@ -352,7 +356,7 @@ def generate(
             checkpoint, read_prompt(prompt, prompt_file), num_samples, on_text=write, on_sample_end=sample_end,
             device=device, dtype=dtype, use_cache=not no_cache, raw=raw, max_new_tokens=max_new_tokens,
             temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-            stop=tuple(unescape(s) for s in stop or ()), seed=seed)
+            stop=tuple(unescape(s) for s in stop or ()), seed=seed, counts=counts)
         tokens = sum(r.tokens for r in results)
         seconds = sum(r.seconds for r in results)
         finished = ", ".join(sorted({r.finish_reason for r in results}))

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
 
 NUCLEUS_FIRST = 256  # tokens ranked before falling back to a full sort for top-p
+COUNTS_CHOICES = ("off", "ngram", "all")
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,10 @@ class Sampling:
     repetition_penalty: float = 1.0  # > 1 discourages tokens already in the context; 1 = off
     stop: tuple[str, ...] = ()  # stop before the first of these strings
     seed: int | None = None  # None = a fresh random seed (reported, so a sample can be redone)
+    # Where the checkpoint has counted n-grams (model.ngram_order / cache_weight): sample from
+    # the network alone ("off"), mixed with the training text's n-grams ("ngram"), or with
+    # those and the window cache ("all"). Off by default: see benchmarks/bench_samples.py.
+    counts: str = "off"
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -66,6 +71,7 @@ class Sampling:
         _check(math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0,
                f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty")
+        _check(self.counts in COUNTS_CHOICES, f"counts must be one of {', '.join(COUNTS_CHOICES)}, got {self.counts!r}")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -280,6 +286,16 @@ def _as_loaded(checkpoint_or_model: Any, device: str, dtype: str) -> "LoadedMode
                     "model id, or a LoadedModel from llmctl.load_model")
 
 
+def sampled_counts(loaded: "LoadedModel", choice: str) -> "CountMixture | None":
+    """The part of a checkpoint's counts that `Sampling.counts` mixes into sampling."""
+    counts = getattr(loaded, "counts", None)
+    if counts is None or choice == "off":
+        return None
+    if choice == "ngram":
+        return counts.without_cache() if counts.ngram_weight else None
+    return counts
+
+
 def chat_prompt(loaded: "LoadedModel", prompt: str, raw: bool = False) -> tuple[list[int], Any]:
     """(prompt ids, template or None): an SFT checkpoint's chat template renders `prompt` as a
     user turn plus the assistant prefix, exactly as in training (`llmctl.data.sft.prompt_ids`);
@@ -334,7 +350,8 @@ def complete(checkpoint_or_model: Any, prompt: str, *, on_text: Callable[[str], 
     finish = "length"
     start = time.perf_counter()
     stream = token_stream(loaded.model, prompt_ids, params, generator, context_length=loaded.context_length,
-                          eos_id=loaded.tokenizer.eos_id, dtype=loaded.dtype, use_cache=use_cache)
+                          eos_id=loaded.tokenizer.eos_id, dtype=loaded.dtype, use_cache=use_cache,
+                          counts=sampled_counts(loaded, params.counts))
     for token in stream:
         new_ids.append(token)
         emit(stops.feed(decoder.push(token)))
