@@ -65,8 +65,9 @@ class ModelConfig:
     use_attention_sinks: bool = False  # learned per-head sink logit (explicit attention path)
     copy_pointer: bool = False  # also predict by pointing at earlier tokens of the context (llmctl/pointer.py)
     attention_block: int = 0  # attention reads only its own block of N positions; 0 = the whole context
-    # Counted n-grams mixed into the predictions at inference (llmctl/ngram.py): the training
-    # text's, of this order (0 = off), with this weight, and the window's own (0 = off).
+    # Counted n-grams mixed into the network's predictions at inference, outside the network
+    # (llmctl/ngram.py, llmctl/inference.py): the training text's, of this order (0 = off), with
+    # this weight, and the window's own (0 = off). Scores are reported with and without them.
     ngram_order: int = 0
     ngram_weight: float = 0.0
     cache_weight: float = 0.0
