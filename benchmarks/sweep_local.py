@@ -18,7 +18,9 @@ budgets are confirmed at the full budget.
     python benchmarks/sweep_local.py --list
 
 Every result is appended to benchmarks/sweep_local_results.jsonl (candidate, budget, steps,
-tokens, held-out bits per byte and perplexity, machine load before the run); the summary of
+tokens, held-out bits per byte and perplexity — of the network mixed with its counts where
+the preset configures them, and of the network alone as network_bpb — machine load before
+the run); the summary of
 what was measured and chosen is in benchmarks/sweep_local_results.md.
 """
 
@@ -325,7 +327,8 @@ def run_candidate(name: str, budget: str, workdir: Path, train_file: Path, heldo
     if scored.returncode:
         raise SystemExit(f"{name}: eval failed:\n{scored.stderr[-2000:]}")
     report = json.loads(scored.stdout)
-    row = _first_row(report)
+    network = _first_row(report)
+    row = network.get("mixture", network)  # what the checkpoint's config scores: with its counts, if any
     status = json.loads((run_dir / "status.json").read_text()) if (run_dir / "status.json").exists() else {}
     metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train_rows = [m for m in metrics if m.get("type") == "train"]
@@ -334,7 +337,8 @@ def run_candidate(name: str, budget: str, workdir: Path, train_file: Path, heldo
             "tokens": train_rows[-1]["tokens"] if train_rows else None,
             "train_loss": train_rows[-1]["loss"] if train_rows else None,
             "heldout_bpb": row.get("bits_per_byte"), "heldout_ppl": row.get("perplexity"),
-            "heldout_loss": row.get("loss"), "wall_s": round(wall, 1), "load_before": round(load, 2),
+            "heldout_loss": row.get("loss"), "network_bpb": network.get("bits_per_byte"),
+            "network_ppl": network.get("perplexity"), "wall_s": round(wall, 1), "load_before": round(load, 2),
             "status": status.get("state")}
 
 
@@ -370,7 +374,8 @@ def main() -> None:
         for name in a.candidates:
             result = run_candidate(name, a.budget, workdir, train_file, heldout, a.preset)
             record(result)
-            print(f"{name:20s} bpb {result['heldout_bpb']:.4f}  ppl {result['heldout_ppl']:.2f}  "
+            print(f"{name:20s} bpb {result['heldout_bpb']:.4f} (network {result['network_bpb']:.4f})  "
+                  f"ppl {result['heldout_ppl']:.2f}  "
                   f"steps {result['steps']}  tokens {result['tokens']:,}  load {result['load_before']}",
                   flush=True)
 

@@ -194,11 +194,9 @@ class Attention(nn.Module):
 
 
 def _explicit_attention_wins(q: torch.Tensor) -> bool:
-    """On a CPU in bf16, PyTorch's flash-attention kernel is slow for short sequences: measured
-    on an AVX-512 BF16 CPU (torch 2.13, forward + backward, 6 heads of 64), explicit
-    GEMM-softmax-GEMM attention took 0.3x its time at 128 tokens, 0.55x at 256 and 0.85x at
-    512, but 1.4x at 1,024 (the (T, T) score matrix grows quadratically) and was never faster
-    in fp32. Everywhere else SDPA's fused kernels win and use less memory."""
+    """On a CPU in bf16, PyTorch's flash-attention kernel is slow for short sequences, where
+    two GEMMs around a softmax win (benchmarks/RESULTS.md); past 512 tokens the (T, T) score
+    matrix costs more than it saves. Everywhere else SDPA's fused kernels win and use less memory."""
     return q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.size(2) <= 512
 
 

@@ -204,6 +204,7 @@ def _fsdp_eval_rank(rank: int, world: int, init_file: str, out_dir: str) -> None
             rows.clear()
             out[name] = {"result": evaluate(model, info), "rows": list(rows)}
         (Path(out_dir) / f"{rank}.json").write_text(json.dumps(out))
+        td.barrier()  # neither rank tears its gloo pairs down while the other still reads from them
     finally:
         td.destroy_process_group()
 
