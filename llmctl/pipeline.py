@@ -38,12 +38,13 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from llmctl.checkpoint import resume_config_changes, step_checkpoints
+from llmctl.checkpoint import step_checkpoints
 from llmctl.config import Config, config_from_dict
 from llmctl.data.sources import check_sources
 from llmctl.data.sft import check_sft_sources
 from llmctl.errors import ConfigError, LlmctlError
 from llmctl.pretrain import run_pretrain
+from llmctl.resume import resume_config_changes
 from llmctl.stage import run_dir_of, say_to
 from llmctl.runlock import hold_run_lock
 

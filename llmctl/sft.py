@@ -41,8 +41,7 @@ import torch
 from rich.console import Console
 
 from llmctl.autobatch import with_micro_batch
-from llmctl.checkpoint import (check_run_dir, check_same_data, find_resume_point, load_checkpoint, resolve_checkpoint,
-                               step_checkpoints)
+from llmctl.checkpoint import load_checkpoint, resolve_checkpoint, step_checkpoints
 from llmctl.config import Config, config_from_dict, find_preset, load_config, parse_override, read_toml, validate
 from llmctl.data.sft import (IGNORE, ChatTemplate, Example, ExampleBatches, Message, SFTData, conversation,
                              encode_example, encode_examples, examples_fingerprint, load_sft_data, prompt_ids,
@@ -51,6 +50,7 @@ from llmctl.data.tokenizer import TextTokenizer
 from llmctl.errors import ConfigError, LlmctlError
 from llmctl.evaluate import evaluate_examples
 from llmctl.model import Transformer
+from llmctl.resume import check_run_dir, check_same_data, find_resume_point
 from llmctl.stage import fit_stage, run_dir_of, say_to
 from llmctl.runlock import hold_run_lock
 from llmctl.runtime import autocast, init_distributed, resolve_dtype, seed_everything
