@@ -41,7 +41,7 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype  # autocast precision
     step: int | None = None
-    template: dict[str, str] | None = None  # an SFT checkpoint's chat template (`llmctl.data.sft.ChatTemplate`)
+    template: dict[str, str] | None = None  # an SFT checkpoint's chat template (`llmctl.data.chat_template.ChatTemplate`)
 
     @property
     def kind(self) -> str:

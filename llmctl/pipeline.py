@@ -140,7 +140,8 @@ def score_pretrain(path: Path, cfg: Config) -> dict[str, Any]:
 def score_sft(path: Path, cfg: Config) -> dict[str, Any]:
     """Response-only loss, perplexity and bits per byte of an SFT checkpoint on its held-out
     conversations (the same split its training evaluated)."""
-    from llmctl.data.sft import ChatTemplate, encode_examples, load_sft_data
+    from llmctl.data.chat_template import ChatTemplate, encode_examples
+    from llmctl.data.sft import load_sft_data
     from llmctl.evaluate import bits_per_byte, evaluate_examples, response_bytes
     from llmctl.loading import load_model
     from llmctl.runtime import autocast

@@ -189,7 +189,7 @@ def _doubled(duration: str) -> str:
 def check_same_data(point: ResumePoint, data_meta: dict[str, Any]) -> None:
     """The data position only means something on the same token stream: the token count and
     the fingerprint (a hash of the training data's content: `TokenStore.train_fingerprint`,
-    `llmctl.data.sft.examples_fingerprint`) must match the checkpoint's. A checkpoint saved
+    `llmctl.sft.examples_fingerprint`) must match the checkpoint's. A checkpoint saved
     before fingerprints were is checked on its token count alone."""
     saved = point.state.get("data", {})
     then = saved.get("tokens", {}).get("train")
