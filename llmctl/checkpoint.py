@@ -128,16 +128,13 @@ def resolve_checkpoint(path_or_dir: str | Path) -> Path:
     raise LlmctlError(f"checkpoint not found: {p}; pass a .pt file or a run directory")
 
 
-def remove_partial_files(run_dir: Path) -> list[Path]:
+def remove_partial_files(run_dir: Path) -> None:
     """Delete `.NAME.pt.*.tmp` files that a killed writer left behind; they are never checkpoints."""
-    removed = []
     if run_dir.is_dir():
         for p in run_dir.iterdir():
             if _PARTIAL.match(p.name) and p.is_file():
                 with contextlib.suppress(OSError):
                     p.unlink()
-                    removed.append(p)
-    return removed
 
 
 def _fsync_dir(directory: Path) -> None:
