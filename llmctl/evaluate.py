@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from llmctl.cross_entropy import IGNORE_INDEX
+from llmctl.data.batches import pad_batch
 from llmctl.errors import ConfigError, LlmctlError
 
 if TYPE_CHECKING:
@@ -210,8 +211,8 @@ def evaluate_examples(model: torch.nn.Module, examples: list[Any], batch_size: i
                       autocast: contextlib.AbstractContextManager | None = None, pad_id: int = 0,
                       max_tokens: int = 0, dist: "DistInfo | None" = None,
                       counts: "CountMixture | None" = None) -> dict[str, Any]:
-    """Response-only loss over SFT examples (`llmctl.data.sft.Example`): the summed loss of
-    every target that is not IGNORE (reply tokens and their end-of-text; prompt and padding
+    """Response-only loss over SFT examples (`llmctl.data.batches.Example`): the summed loss of
+    every target that is not IGNORE_INDEX (reply tokens and their end-of-text; prompt and padding
     targets are -100) divided once by their count, so it is exact whatever the batching.
     Examples are batched by length to waste little on padding; `max_tokens` > 0 stops after
     the example that reaches that many scored targets. Same result keys as evaluate_tokens
@@ -219,18 +220,16 @@ def evaluate_examples(model: torch.nn.Module, examples: list[Any], batch_size: i
 
     With `dist`, the batches are dealt to ranks as in evaluate_tokens (same forward count on
     every rank) and the sums added over ranks."""
-    from llmctl.data.sft import IGNORE, pad_batch
-
     chosen, counted = [], 0
     for example in examples:
         if max_tokens and counted >= max_tokens:
             break
         chosen.append(example)
-        counted += sum(label != IGNORE for label in example.labels)
+        counted += sum(label != IGNORE_INDEX for label in example.labels)
     chosen.sort(key=lambda e: len(e.input_ids))
     rank, world = (dist.rank, dist.world_size) if dist is not None and dist.enabled else (0, 1)
     groups = (chosen[i: i + batch_size] for i in range(0, len(chosen), batch_size))
-    batches = (dummy_batch() if group is None else pad_batch(group, pad_id)  # (B, T_max), padding IGNORE
+    batches = (dummy_batch() if group is None else pad_batch(group, pad_id)  # (B, T_max), padding IGNORE_INDEX
                for group in rank_share(groups, rank, world))
     return _score_batches(model, counts, batches, device, autocast, dist)
 
@@ -239,13 +238,11 @@ def response_bytes(examples: list[Any], tokenizer: "TextTokenizer", max_tokens: 
     """UTF-8 bytes of the scored reply tokens of SFT examples (each end-of-text counts as one
     byte, as in `stream_bytes`), for bits per byte of a response-only loss; `max_tokens` picks
     the same examples as evaluate_examples."""
-    from llmctl.data.sft import IGNORE
-
     total, counted = 0, 0
     for example in examples:
         if max_tokens and counted >= max_tokens:
             break
-        ids = [t for t in example.labels if t != IGNORE]
+        ids = [t for t in example.labels if t != IGNORE_INDEX]
         counted += len(ids)
         eos = sum(t == tokenizer.eos_id for t in ids)
         total += eos + len(tokenizer.decode([t for t in ids if t != tokenizer.eos_id]).encode("utf-8"))

@@ -52,7 +52,7 @@ from llmctl import __version__
 from llmctl.errors import ConfigError, LlmctlError
 
 if TYPE_CHECKING:
-    from llmctl.data.sft import ChatTemplate
+    from llmctl.data.chat_template import ChatTemplate
     from llmctl.data.tokenizer import TextTokenizer
     from llmctl.loading import LoadedModel
     from llmctl.model import Transformer
@@ -172,11 +172,11 @@ def _checkpoint_extras(loaded: "LoadedModel") -> dict[str, Any]:
         payload = load_checkpoint(loaded.path)
     extras["stage"] = payload.get("stage")
     if extras["template"] is None and isinstance(payload.get("template"), dict):
-        from llmctl.data.sft import ChatTemplate
+        from llmctl.data.chat_template import ChatTemplate
 
         extras["template"] = ChatTemplate.from_state(payload["template"])
     elif isinstance(extras["template"], dict):
-        from llmctl.data.sft import ChatTemplate
+        from llmctl.data.chat_template import ChatTemplate
 
         extras["template"] = ChatTemplate.from_state(extras["template"])
     return extras
@@ -331,7 +331,7 @@ def verify_hf(folder: Path, loaded: "LoadedModel", arch: str, template: "ChatTem
 
 def render_prompt(template: "ChatTemplate", messages: list[tuple[str, str]], eos: str) -> str:
     """The text llmctl's SFT feeds the model for `messages` plus the generation prompt."""
-    from llmctl.data.sft import render_segments
+    from llmctl.data.chat_template import render_segments
 
     return "".join(eos if text == "<eos>" else text for text, _ in render_segments(messages, template)) \
         + template.assistant_prefix

@@ -302,7 +302,7 @@ def chat_prompt(loaded: "LoadedModel", prompt: str, raw: bool = False) -> tuple[
     other models, or `raw`, take the text as it is."""
     if raw or not getattr(loaded, "template", None):
         return loaded.tokenizer.encode(prompt), None
-    from llmctl.data.sft import ChatTemplate, prompt_ids
+    from llmctl.data.chat_template import ChatTemplate, prompt_ids
 
     template = ChatTemplate.from_state(loaded.template)
     return prompt_ids([("user", prompt)], template, loaded.tokenizer), template

@@ -41,15 +41,8 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype  # autocast precision
     step: int | None = None
-    template: dict[str, str] | None = None  # an SFT checkpoint's chat template (`llmctl.data.sft.ChatTemplate`)
+    template: dict[str, str] | None = None  # an SFT checkpoint's chat template (`llmctl.data.chat_template.ChatTemplate`)
     counts: Any = None  # `llmctl.ngram.CountMixture` when the config mixes counts in at inference
-
-    @property
-    def predictor(self) -> Any:
-        """The network and its mixture, as evaluation and generation use them (`llmctl.inference`)."""
-        from llmctl.inference import Predictor
-
-        return Predictor(self.model, self.counts)
 
     @property
     def kind(self) -> str:

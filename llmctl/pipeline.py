@@ -38,12 +38,13 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from llmctl.checkpoint import resume_config_changes, step_checkpoints
+from llmctl.checkpoint import step_checkpoints
 from llmctl.config import Config, config_from_dict
 from llmctl.data.sources import check_sources
 from llmctl.data.sft import check_sft_sources
 from llmctl.errors import ConfigError, LlmctlError
 from llmctl.pretrain import run_pretrain
+from llmctl.resume import resume_config_changes
 from llmctl.stage import run_dir_of, say_to
 from llmctl.runlock import hold_run_lock
 
@@ -151,7 +152,8 @@ def _scores(result: dict[str, Any], n_bytes: int) -> dict[str, Any]:
 def score_sft(path: Path, cfg: Config) -> dict[str, Any]:
     """Response-only loss, perplexity and bits per byte of an SFT checkpoint on its held-out
     conversations (the same split its training evaluated)."""
-    from llmctl.data.sft import ChatTemplate, encode_examples, load_sft_data
+    from llmctl.data.chat_template import ChatTemplate, encode_examples
+    from llmctl.data.sft import load_sft_data
     from llmctl.evaluate import evaluate_examples, response_bytes
     from llmctl.loading import load_model
     from llmctl.runtime import autocast

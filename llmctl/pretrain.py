@@ -16,7 +16,6 @@ import torch
 from rich.console import Console
 
 from llmctl.autobatch import with_micro_batch
-from llmctl.checkpoint import check_run_dir, check_same_data, find_resume_point
 from llmctl.config import AUTO, Config
 from llmctl.data.batches import training_windows
 from llmctl.data.sources import check_sources
@@ -27,6 +26,7 @@ from llmctl.errors import ConfigError, LlmctlError
 from llmctl.evaluate import bits_per_byte, evaluate_tokens, stream_bytes
 from llmctl.model import Transformer
 from llmctl.ngram import counts_for
+from llmctl.resume import check_run_dir, check_same_data, find_resume_point
 from llmctl.runlock import hold_run_lock
 from llmctl.runtime import autocast, barrier, init_distributed, resolve_dtype, seed_everything
 from llmctl.trackers import check_trackers

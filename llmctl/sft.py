@@ -2,9 +2,10 @@
 
 Flow: config -> the `--from` checkpoint (weights, model config, tokenizer, and its chat
 template when it is already an SFT model) -> conversations (`llmctl.data.sft`) -> examples
-with response-only labels -> `llmctl.stage.fit_stage` with `ExampleBatches` and a
-response-only evaluation (`llmctl.evaluate.evaluate_examples`). Only the batches (ignored
-prompt and padding targets) and the starting weights differ from pretraining.
+with response-only labels (`llmctl.data.chat_template`) -> `llmctl.stage.fit_stage` with
+`ExampleBatches` and a response-only evaluation (`llmctl.evaluate.evaluate_examples`). Only
+the batches (ignored prompt and padding targets) and the starting weights differ from
+pretraining.
 
 Config. `[model]` and `[data]` describe the weights and the tokenizer, so they come from the
 checkpoint; a preset's own `[model]` (meant for pretraining) is ignored, and an explicit
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import shlex
 from collections.abc import Callable
@@ -41,17 +43,18 @@ import torch
 from rich.console import Console
 
 from llmctl.autobatch import with_micro_batch
-from llmctl.checkpoint import (check_run_dir, check_same_data, find_resume_point, load_checkpoint, resolve_checkpoint,
-                               step_checkpoints)
+from llmctl.checkpoint import load_checkpoint, resolve_checkpoint, step_checkpoints
 from llmctl.config import Config, config_from_dict, find_preset, load_config, parse_override, read_toml, validate
-from llmctl.data.sft import (IGNORE, ChatTemplate, Example, ExampleBatches, Message, SFTData, conversation,
-                             encode_example, encode_examples, examples_fingerprint, load_sft_data, prompt_ids,
-                             record_at)
+from llmctl.cross_entropy import IGNORE_INDEX
+from llmctl.data.batches import Example, ExampleBatches
+from llmctl.data.chat_template import ChatTemplate, Message, encode_example, encode_examples, prompt_ids
+from llmctl.data.sft import SFTData, conversation, load_sft_data, record_at
 from llmctl.data.tokenizer import TextTokenizer
 from llmctl.errors import ConfigError, LlmctlError
 from llmctl.evaluate import evaluate_examples
 from llmctl.model import Transformer
 from llmctl.ngram import counts_for
+from llmctl.resume import check_run_dir, check_same_data, find_resume_point
 from llmctl.stage import fit_stage, run_dir_of, say_to
 from llmctl.runlock import hold_run_lock
 from llmctl.runtime import autocast, init_distributed, resolve_dtype, seed_everything
@@ -220,8 +223,19 @@ def sample_prompts(validation: list[list[Message]], count: int) -> list[list[Mes
 
 # --------------------------------------------------------------------------- the command
 
+def examples_fingerprint(examples: list[Example]) -> str:
+    """sha256 of the examples' input ids and labels, in order (each array prefixed by its length,
+    so no two different lists of examples hash alike by concatenation)."""
+    hasher = hashlib.sha256()
+    for e in examples:
+        for ids in (e.input_ids, e.labels):
+            hasher.update(np.int64(len(ids)).tobytes())
+            hasher.update(np.asarray(ids, dtype=np.int64).tobytes())
+    return hasher.hexdigest()
+
+
 def _data_line(data: SFTData, train: list[Example], truncated: int, max_len: int) -> str:
-    trained = sum(sum(label != IGNORE for label in e.labels) for e in train)
+    trained = sum(sum(label != IGNORE_INDEX for label in e.labels) for e in train)
     tokens = sum(len(e.input_ids) for e in train)
     held = "; ".join(f"{s['spec']}: {s['train']:,} train, {s['held_out']}" for s in data.sources)
     line = (f"data: {len(data.train):,} training and {len(data.validation):,} held-out conversations ({held}); "
@@ -351,15 +365,15 @@ def inspect_example(spec: str, index: int, cfg: Config, checkpoint: str | None =
     tokens = []
     for pos, token in enumerate(ids):
         label = example.labels[pos]
-        target = label if label != IGNORE else (ids[pos + 1] if pos + 1 < len(ids) else None)
+        target = label if label != IGNORE_INDEX else (ids[pos + 1] if pos + 1 < len(ids) else None)
         tokens.append({"pos": pos, "id": token, "text": tokenizer.decode([token]), "target": target,
                        "target_text": tokenizer.decode([target]) if target is not None else None,
-                       "loss": label != IGNORE})
+                       "loss": label != IGNORE_INDEX})
     trained = [t["target"] for t in tokens if t["loss"]]
     return {"where": where, "spec": spec, "index": index, "tokenizer": source, "context": max_len,
             "template": template.to_state(), "messages": [{"role": r, "content": c} for r, c in messages],
-            "text": tokenizer.decode(ids + ([example.labels[-1]] if example.labels and example.labels[-1] != IGNORE
-                                            else [])),
+            "text": tokenizer.decode(ids + ([example.labels[-1]] if example.labels
+                                            and example.labels[-1] != IGNORE_INDEX else [])),
             "response_text": tokenizer.decode(trained), "tokens": tokens, "n_tokens": len(ids),
             "n_loss": len(trained), "n_ignored": len(ids) - len(trained), "truncated": example.truncated}
 

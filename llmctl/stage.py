@@ -12,11 +12,12 @@ import torch
 from rich.console import Console
 
 from llmctl.atomic import write_text_atomic
-from llmctl.checkpoint import CheckpointCallback, ResumePoint
 from llmctl.config import Config
 from llmctl.data.batches import BatchSource
 from llmctl.data.tokenizer import TextTokenizer
 from llmctl.progress import MetricsCallback, ProgressCallback, RunLog
+from llmctl.resume import ResumePoint
+from llmctl.retention import CheckpointCallback
 from llmctl.runlock import held, keep_lock_only
 from llmctl.runtime import DistInfo, barrier, resolve_compile
 from llmctl.trackers import Reporting, check_trackers

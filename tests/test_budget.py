@@ -16,13 +16,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from llmctl.checkpoint import CheckpointCallback, load_checkpoint
+from llmctl.checkpoint import load_checkpoint
 from llmctl.cli import app
 from llmctl.config import Config, ModelConfig, TrainConfig, parse_duration
 from llmctl.data.batches import RandomWindows
 from llmctl.data.tokenizer import load_tokenizer
 from llmctl.model import Transformer
 from llmctl.optim import lr_at
+from llmctl.retention import CheckpointCallback
 from llmctl.trainer import Trainer
 from small_runs import small_run_args
 

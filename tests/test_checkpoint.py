@@ -8,9 +8,9 @@ import pickle
 import pytest
 import torch
 
-from llmctl.checkpoint import (checkpoint_path, load_checkpoint, prune_step_checkpoints, resolve_checkpoint,
-                               save_checkpoint)
+from llmctl.checkpoint import checkpoint_path, load_checkpoint, resolve_checkpoint, save_checkpoint
 from llmctl.errors import LlmctlError
+from llmctl.retention import prune_step_checkpoints
 
 
 def test_save_then_load_with_weights_only(tmp_path):
@@ -91,7 +91,8 @@ WRITER = r"""
 import os, sys
 from pathlib import Path
 import torch
-from llmctl.checkpoint import checkpoint_path, prune_step_checkpoints, save_checkpoint, step_checkpoints
+from llmctl.checkpoint import checkpoint_path, save_checkpoint, step_checkpoints
+from llmctl.retention import prune_step_checkpoints
 
 run_dir = Path(sys.argv[1])
 weights = {"w": torch.arange(1 << 20, dtype=torch.float32)}  # 4 MB: a write takes a while
@@ -154,7 +155,7 @@ def test_sigkill_at_random_moments_never_leaves_an_unloadable_newest_checkpoint(
 # ----------------------------------------------------------------------------- retention, resume rules
 
 def test_keep_last_never_deletes_the_best_validation_or_final_checkpoint(tmp_path):
-    from llmctl.checkpoint import best_checkpoint_step
+    from llmctl.retention import best_checkpoint_step
 
     for step in (10, 20, 30, 40):
         save_checkpoint(checkpoint_path(tmp_path, "r", "pretrain", step), {})
@@ -200,7 +201,7 @@ def test_more_refusals_are_one_line_and_run_nothing(tmp_path, monkeypatch):
 
 
 def test_resume_config_changes_allow_only_safe_keys():
-    from llmctl.checkpoint import resume_config_changes
+    from llmctl.resume import resume_config_changes
     from llmctl.config import Config
     from llmctl.errors import ConfigError
 
@@ -225,7 +226,7 @@ def test_resume_config_changes_allow_only_safe_keys():
 
 
 def test_run_directory_refusals_name_both_options(tmp_path):
-    from llmctl.checkpoint import check_run_dir, newest_checkpoint
+    from llmctl.resume import check_run_dir, newest_checkpoint
     from llmctl.errors import ConfigError
 
     with pytest.raises(LlmctlError, match="nothing to resume: .* does not exist"):
@@ -242,7 +243,7 @@ def test_run_directory_refusals_name_both_options(tmp_path):
 
 
 def test_newest_checkpoint_orders_by_step_and_counts_the_final_at_its_step(tmp_path):
-    from llmctl.checkpoint import newest_checkpoint
+    from llmctl.resume import newest_checkpoint
 
     full = {"model": {}, "optimizer": {}, "tokens_seen": 0, "data_position": {}, "rng": {}, "config": {},
             "stage": "pretrain"}

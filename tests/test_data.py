@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from llmctl.config import DataConfig
-from llmctl.data.batches import RandomWindows, sequential_windows
+from llmctl.data.batches import RandomWindows
 from llmctl.data.sources import iter_documents, parse_spec
 from llmctl.data.store import _hold_out, prepare_store
 from llmctl.data.tokenizer import TextTokenizer, load_tokenizer
@@ -121,10 +121,3 @@ def test_random_windows_are_seeded_and_resumable():
     b.load_state_dict(state)
     assert torch.equal(b.next_batch()[0], nxt)
 
-
-def test_sequential_windows_score_every_token_once():
-    tokens = np.arange(50, dtype=np.uint16)
-    targets = torch.cat([y.flatten() for _, y in sequential_windows(tokens, seq_len=8, batch_size=2)])
-    assert targets.tolist() == list(range(1, 50))
-    capped = torch.cat([y.flatten() for _, y in sequential_windows(tokens, 8, 2, max_tokens=20)])
-    assert capped.tolist() == list(range(1, 21))

@@ -224,11 +224,12 @@ def _eval_cases(evaluate_tokens, evaluate_examples) -> dict:
     (3 batches)."""
     import numpy as np
 
-    from llmctl.data.sft import IGNORE, Example
+    from llmctl.cross_entropy import IGNORE_INDEX
+    from llmctl.data.batches import Example
 
     cpu = torch.device("cpu")
     tokens = np.random.default_rng(0).integers(0, 64, 8 * 16 + 7)
-    examples = [Example(list(range(1, n + 1)), [IGNORE] * (n // 2) + list(range(2, n + 2 - n // 2)), False)
+    examples = [Example(list(range(1, n + 1)), [IGNORE_INDEX] * (n // 2) + list(range(2, n + 2 - n // 2)), False)
                 for n in (5, 9, 3, 12, 7)]
     return {"tokens": lambda model, dist: evaluate_tokens(model, tokens, 16, 3, cpu, dist=dist),
             "examples": lambda model, dist: evaluate_examples(model, examples, 2, cpu, dist=dist)}

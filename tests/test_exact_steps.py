@@ -17,7 +17,10 @@ from conftest import PYTHON, shared_file
 from small_runs import build_small_tokenizer, small_run_args
 
 from llmctl.config import ModelConfig, TrainConfig
-from llmctl.data.sft import IGNORE, ChatTemplate, ExampleBatches, encode_examples, load_sft_data
+from llmctl.cross_entropy import IGNORE_INDEX
+from llmctl.data.batches import ExampleBatches
+from llmctl.data.chat_template import ChatTemplate, encode_examples
+from llmctl.data.sft import load_sft_data
 from llmctl.data.tokenizer import load_tokenizer
 from llmctl.model import Transformer
 from llmctl.trainer import Trainer
@@ -52,7 +55,7 @@ def sft_steps(examples, micro: int, steps: int = 3) -> tuple[list[float], dict[s
 
 def test_sft_step_is_the_same_for_every_micro_batch_split(work):
     examples = dolly_examples(work / "tok")
-    counts = [sum(label != IGNORE for label in e.labels) for e in examples[:8]]
+    counts = [sum(label != IGNORE_INDEX for label in e.labels) for e in examples[:8]]
     assert max(counts) > 2 * min(counts)  # ragged: the case where per-micro-batch means disagree
     reference_losses, reference = sft_steps(examples, 8)
     for micro in (2, 1):

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 from conftest import PYTHON
 from llmctl.checkpoint import load_checkpoint, save_checkpoint
 from llmctl.cli import app
-from llmctl.data.sft import ChatTemplate, prompt_ids
+from llmctl.data.chat_template import ChatTemplate, prompt_ids
 from llmctl.errors import LlmctlError
 from llmctl.export import export_checkpoint, load_safetensors_folder
 from llmctl.generate import complete

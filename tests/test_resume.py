@@ -17,12 +17,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from llmctl.checkpoint import CheckpointCallback, load_checkpoint, save_checkpoint
+from llmctl.checkpoint import load_checkpoint, save_checkpoint
 from llmctl.cli import app
 from llmctl.config import Config, ModelConfig, TrainConfig
 from llmctl.data.batches import RandomWindows
 from llmctl.data.tokenizer import load_tokenizer
 from llmctl.model import Transformer
+from llmctl.retention import CheckpointCallback
 from llmctl.trainer import Trainer, TrainingInterrupted
 from small_runs import small_run_args
 

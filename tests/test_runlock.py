@@ -192,7 +192,7 @@ def test_a_start_that_fails_on_bad_input_leaves_no_run_folder(tmp_path, small_to
 # --------------------------------------------------------------------------- in-process
 
 def test_resume_auto_and_overwrite_contradict(tmp_path):
-    from llmctl.checkpoint import check_run_dir
+    from llmctl.resume import check_run_dir
     from llmctl.errors import ConfigError, LlmctlError
 
     with pytest.raises(ConfigError, match="^--resume auto and --overwrite contradict each other"):

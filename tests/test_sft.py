@@ -14,7 +14,9 @@ from typer.testing import CliRunner
 
 from conftest import shared_file
 from llmctl.cli import app
-from llmctl.data.sft import IGNORE, ChatTemplate, encode_examples, load_sft_data, prompt_ids
+from llmctl.cross_entropy import IGNORE_INDEX
+from llmctl.data.chat_template import ChatTemplate, encode_examples, prompt_ids
+from llmctl.data.sft import held_out_indices, load_sft_data
 from llmctl.evaluate import evaluate_examples
 from small_runs import build_small_tokenizer, small_run_args
 
@@ -124,7 +126,6 @@ def test_sft_lowers_held_out_response_loss_and_the_loss_is_response_only(tuned, 
 
     # The same number from records, the template's strings and plain cross-entropy.
     records = [json.loads(line)["text"] for line in shared_file("sft/dolly_open_qa.jsonl").read_text().splitlines()[:400]]
-    from llmctl.data.sft import held_out_indices
 
     held_records = [records[i] for i in sorted(held_out_indices(400, 0.05))]
     manual = by_hand_response_loss(sft.model, sft.tokenizer.to_json(), sft.tokenizer.eos_id, held_records, 64)
@@ -191,7 +192,6 @@ def test_resume_continues_exactly(cli, work):
 
 
 def test_resume_refuses_changed_conversations_of_the_same_token_count(cli, work, tmp_path):
-    from llmctl.data.sft import ChatTemplate, held_out_indices
     from llmctl.data.tokenizer import load_tokenizer
 
     records = shared_file("sft/dolly_open_qa.jsonl").read_text().splitlines()[:100]
@@ -217,7 +217,7 @@ def test_resume_refuses_changed_conversations_of_the_same_token_count(cli, work,
     edited[i] = json.dumps({"text": " ".join(words)})
     after = write_and_encode(edited)
     assert [len(e.input_ids) for e in after] == [len(e.input_ids) for e in before]
-    assert [e.labels.count(IGNORE) for e in after] == [e.labels.count(IGNORE) for e in before]
+    assert [e.labels.count(IGNORE_INDEX) for e in after] == [e.labels.count(IGNORE_INDEX) for e in before]
     assert [e.input_ids for e in after] != [e.input_ids for e in before]
 
     resume = sft_args("same-count", f"jsonl:{path}", "--resume", steps=6)
@@ -306,19 +306,20 @@ def test_data_inspect_shows_exactly_which_tokens_carry_loss(tuned, cli):
 def test_eval_over_examples_ignores_prompt_and_padding_exactly():
     """evaluate_examples = the sum of per-target losses over non-ignored targets / their count."""
     from llmctl.config import ModelConfig
-    from llmctl.data.sft import Example
+    from llmctl.data.batches import Example
     from llmctl.model import Transformer
 
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=50, d_model=32, n_layers=1, n_heads=4, max_seq_len=16)).eval()
-    examples = [Example([1, 2, 3, 4, 5], [IGNORE, IGNORE, 7, 8, 9], False), Example([6, 7], [IGNORE, 3], False),
-                Example([9, 8, 7, 6, 5, 4, 3], [IGNORE] * 4 + [1, 2, 3], False)]
+    examples = [Example([1, 2, 3, 4, 5], [IGNORE_INDEX, IGNORE_INDEX, 7, 8, 9], False),
+                Example([6, 7], [IGNORE_INDEX, 3], False),
+                Example([9, 8, 7, 6, 5, 4, 3], [IGNORE_INDEX] * 4 + [1, 2, 3], False)]
     total, count = 0.0, 0
     for e in examples:
         with torch.no_grad():
             losses = F.cross_entropy(model(torch.tensor([e.input_ids]))[0], torch.tensor(e.labels), reduction="none",
-                                     ignore_index=IGNORE)
-        keep = torch.tensor(e.labels) != IGNORE
+                                     ignore_index=IGNORE_INDEX)
+        keep = torch.tensor(e.labels) != IGNORE_INDEX
         total, count = total + float(losses[keep].sum()), count + int(keep.sum())
     for batch in (1, 2, 3):
         result = evaluate_examples(model, examples, batch, torch.device("cpu"), pad_id=0)

@@ -6,8 +6,11 @@ import json
 
 import pytest
 
-from llmctl.data.sft import (IGNORE, ChatTemplate, ExampleBatches, encode_example, encode_examples, pad_batch,
-                             prompt_ids, read_records, render_segments, to_messages)
+from llmctl.cross_entropy import IGNORE_INDEX
+from llmctl.data.batches import Example, ExampleBatches, pad_batch
+from llmctl.data.chat_template import ChatTemplate, encode_example, encode_examples, prompt_ids, render_segments
+from llmctl.data.readers import read_records
+from llmctl.data.sft import held_out_indices, to_messages
 from llmctl.data.tokenizer import load_tokenizer
 from llmctl.errors import LlmctlError
 
@@ -51,12 +54,12 @@ def test_mask_covers_exactly_the_reply_and_eos(tok):
     ex = encode_example(messages, template, tok, max_len=256)
     full = ex.input_ids + [ex.labels[-1]]
     reply_ids = tok.encode(" Paris is the capital.") + [tok.eos_id]
-    trained = [label for label in ex.labels if label != IGNORE]
+    trained = [label for label in ex.labels if label != IGNORE_INDEX]
     assert trained == reply_ids
     n_prompt = len(tok.encode("### Human: What is the capital of France?\n")) + len(tok.encode("### Assistant:"))
     # targets of positions 0 .. n_prompt-2 are prompt tokens: all ignored; the rest all count
-    assert all(label == IGNORE for label in ex.labels[: n_prompt - 1])
-    assert all(label != IGNORE for label in ex.labels[n_prompt - 1:])
+    assert all(label == IGNORE_INDEX for label in ex.labels[: n_prompt - 1])
+    assert all(label != IGNORE_INDEX for label in ex.labels[n_prompt - 1:])
     assert full[-len(reply_ids):] == reply_ids
     # generation encodes the prompt exactly as training saw it
     assert ex.input_ids[:n_prompt] == prompt_ids(messages[:1], template, tok)
@@ -65,7 +68,7 @@ def test_mask_covers_exactly_the_reply_and_eos(tok):
 def test_multi_turn_trains_every_assistant_turn(tok):
     messages = [("user", "a"), ("assistant", "b"), ("user", "c"), ("assistant", "d")]
     ex = encode_example(messages, ChatTemplate(), tok, max_len=256)
-    trained = [label for label in ex.labels if label != IGNORE]
+    trained = [label for label in ex.labels if label != IGNORE_INDEX]
     assert trained == tok.encode(" b") + [tok.eos_id] + tok.encode(" d") + [tok.eos_id]
 
 
@@ -76,7 +79,7 @@ def test_long_examples_are_truncated_on_the_reply_side_not_dropped(tok):
     assert ex.input_ids[:5] == tok.encode("### Human: short question\n")[:5]  # prompt kept whole
     long_prompt = [("user", "context " * 500), ("assistant", "the answer")]
     ex = encode_example(long_prompt, ChatTemplate(), tok, max_len=64)
-    assert ex.truncated and any(label != IGNORE for label in ex.labels)
+    assert ex.truncated and any(label != IGNORE_INDEX for label in ex.labels)
 
 
 def test_template_round_trip_and_jinja_matches(tok):
@@ -125,7 +128,7 @@ def test_more_shapes_parse(record, expected):
 
 def test_padded_batch_ignores_prompt_and_padding_targets_and_counts_every_reply_token(tok):
     """The rendered mask end to end: in (x, y) every target of a prompt or padding position is
-    IGNORE, every reply token and its end-of-text is a target, nothing else."""
+    IGNORE_INDEX, every reply token and its end-of-text is a target, nothing else."""
     convs = [[("user", "What is 2 + 2?"), ("assistant", "Four.")],
              [("system", "Be brief."), ("user", "Name a colour."), ("assistant", "Blue, or perhaps green.")]]
     examples = encode_examples(convs, ChatTemplate(), tok, max_len=256)
@@ -136,16 +139,14 @@ def test_padded_batch_ignores_prompt_and_padding_targets_and_counts_every_reply_
         reply = tok.encode(" " + conv[-1][1]) + [tok.eos_id]
         n = len(ex.input_ids)
         assert x[row, :n].tolist() == prompt + reply[:-1]
-        assert y[row, : len(prompt) - 1].eq(IGNORE).all()  # targets inside the prompt
+        assert y[row, : len(prompt) - 1].eq(IGNORE_INDEX).all()  # targets inside the prompt
         assert y[row, len(prompt) - 1: n].tolist() == reply  # every reply token counts
-        assert y[row, n:].eq(IGNORE).all() and x[row, n:].eq(tok.eos_id).all()  # padding
-    assert int((y != IGNORE).sum()) == sum(len(tok.encode(" " + c[-1][1])) + 1 for c in convs)
+        assert y[row, n:].eq(IGNORE_INDEX).all() and x[row, n:].eq(tok.eos_id).all()  # padding
+    assert int((y != IGNORE_INDEX).sum()) == sum(len(tok.encode(" " + c[-1][1])) + 1 for c in convs)
 
 
 def test_example_batches_resume_exactly():
-    from llmctl.data.sft import Example
-
-    examples = [Example([i, i + 1], [IGNORE, i + 2], False) for i in range(7)]
+    examples = [Example([i, i + 1], [IGNORE_INDEX, i + 2], False) for i in range(7)]
     a = ExampleBatches(examples, 3, 0, seed=5)
     for _ in range(4):  # into the second epoch
         a.next_batch()
@@ -158,7 +159,5 @@ def test_example_batches_resume_exactly():
 
 
 def test_held_out_split_is_fixed_and_disjoint():
-    from llmctl.data.sft import held_out_indices
-
     assert held_out_indices(400, 0.05) == held_out_indices(400, 0.05) and len(held_out_indices(400, 0.05)) == 20
     assert held_out_indices(1, 0.05) == set() and len(held_out_indices(3, 0.05)) == 1

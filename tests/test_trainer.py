@@ -173,7 +173,7 @@ def test_nan_guard_reads_the_device_only_at_log_and_save_steps():
 def test_a_checkpoint_guards_every_eval_and_the_best_one_survives_retention(tmp_path, gpt2_dir):
     """Evals every 3 steps, saves every 4, keep_last=1: each eval finds its step on disk; the
     guard checkpoints go once scored, except the best-validation one."""
-    from llmctl.checkpoint import CheckpointCallback
+    from llmctl.retention import CheckpointCallback
     from llmctl.config import Config
     from llmctl.data.tokenizer import load_tokenizer
 

@@ -1,23 +1,28 @@
-"""Batches from a packed token stream.
+"""The batches a trainer steps on: random windows of a packed token stream (pretraining),
+or padded examples of different lengths (SFT), each source resumable from its state.
 
-Training draws random windows of `seq_len + 1` tokens (inputs and their next-token
+Pretraining draws random windows of `seq_len + 1` tokens (inputs and their next-token
 targets) from the memory-mapped stream with an explicit `torch.Generator`, so the data
 order is a pure function of the seed and resumes exactly from the generator's state.
 The stream may be a `TokenView` over many shards: a window that crosses a shard boundary
 is read from both. With `data.weights`, each window first picks a source with those
 probabilities, then a start uniformly inside that source's range, so a small corpus can be
 seen as often as a large one (sources are otherwise sampled in proportion to their size).
-Evaluation walks the stream in order with non-overlapping windows, so every token after
-the first is scored exactly once.
+SFT draws whole examples by a seeded permutation, one per row, right-padded, with the
+padding's targets ignored (`IGNORE_INDEX`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 import torch
+
+from llmctl.cross_entropy import IGNORE_INDEX
+from llmctl.errors import LlmctlError
 
 
 class RandomWindows:
@@ -65,27 +70,9 @@ class RandomWindows:
         self.generator.set_state(state["generator"])
 
 
-def sequential_windows(tokens: np.ndarray, seq_len: int, batch_size: int,
-                       max_tokens: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(x, y) batches covering tokens[0 : n] in order; windows overlap by one token so each
-    target appears once. The last window may be shorter and comes in a batch of its own."""
-    n = len(tokens) if not max_tokens else min(len(tokens), max_tokens + 1)
-    starts = list(range(0, n - 1, seq_len))
-    full = [s for s in starts if s + seq_len + 1 <= n]
-    for i in range(0, len(full), batch_size):
-        chunk = np.stack([tokens[s: s + seq_len + 1] for s in full[i: i + batch_size]])
-        chunk = torch.from_numpy(chunk.astype(np.int64))
-        yield chunk[:, :-1], chunk[:, 1:]
-    if len(full) < len(starts):
-        tail = torch.from_numpy(np.asarray(tokens[starts[-1]: n], dtype=np.int64))[None]
-        yield tail[:, :-1], tail[:, 1:]
-
-
 def training_windows(store: Any, weights: Sequence[float], seq_len: int, batch_size: int,
                      seed: int) -> RandomWindows:
     """The trainer's batch source over a token store's train split (`data.weights` applied)."""
-    from llmctl.errors import LlmctlError
-
     tokens = store.tokens("train")
     try:
         if weights:
@@ -93,6 +80,61 @@ def training_windows(store: Any, weights: Sequence[float], seq_len: int, batch_s
         return RandomWindows(tokens, seq_len, batch_size, seed)
     except ValueError as e:
         raise LlmctlError(f"{e}; add data or lower model.max_seq_len") from None
+
+
+@dataclass
+class Example:
+    """One sequence of its own length (an SFT conversation) with its targets."""
+
+    input_ids: list[int]  # (T,) tokens the model reads
+    labels: list[int]  # (T,) next-token targets, IGNORE_INDEX where no loss
+    truncated: bool
+
+
+def pad_batch(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y) of shape (B, T_max): right-padded, so no real token ever attends to padding
+    (attention is causal) and padding positions carry IGNORE_INDEX targets. One example per row:
+    examples never attend to one another."""
+    T = max(len(e.input_ids) for e in examples)
+    x = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    y = torch.full((len(examples), T), IGNORE_INDEX, dtype=torch.long)
+    for row, e in enumerate(examples):
+        x[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
+        y[row, : len(e.labels)] = torch.tensor(e.labels)
+    return x, y
+
+
+class ExampleBatches:
+    """Endless micro-batches of examples drawn by a seeded permutation, epoch after epoch.
+
+    The position (epoch, index into the permutation) and the generator are the whole state,
+    so a resumed run draws exactly the batches it would have drawn."""
+
+    def __init__(self, examples: list[Example], batch_size: int, pad_id: int, seed: int):
+        if not examples:
+            raise LlmctlError("no SFT training examples; check sft.datasets")
+        self.examples, self.batch_size, self.pad_id = examples, batch_size, pad_id
+        self.generator = torch.Generator().manual_seed(seed)
+        self.epoch, self.index = 0, 0
+        self.order = torch.randperm(len(examples), generator=self.generator).tolist()
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        chosen = []
+        for _ in range(self.batch_size):
+            if self.index == len(self.order):
+                self.epoch, self.index = self.epoch + 1, 0
+                self.order = torch.randperm(len(self.examples), generator=self.generator).tolist()
+            chosen.append(self.examples[self.order[self.index]])
+            self.index += 1
+        return pad_batch(chosen, self.pad_id)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "epoch": self.epoch, "index": self.index,
+                "order": list(self.order)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.epoch, self.index, self.order = int(state["epoch"]), int(state["index"]), list(state["order"])
 
 
 class BatchSource(Protocol):

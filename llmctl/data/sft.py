@@ -1,18 +1,12 @@
-"""Instruction data for SFT: records -> conversations -> token ids with a loss mask.
+"""Instruction data for SFT: `sft.datasets` -> conversations, split into train and held out.
 
-A record in any of the usual shapes becomes a list of messages (role, content):
+A record in any of the usual shapes becomes a list of messages (role, content), which
+`llmctl.data.chat_template` turns into token ids:
 
     alpaca   {"instruction", "input"?, "output"}  (Dolly: "context"?, "response")
     prompt   {"prompt" | "question" | "input", "completion" | "response" | "answer" | "output"}
     chat     {"messages": [{"role": "system"|"user"|"assistant", "content"}, ...]}
     text     {"text": "### Human: ... ### Assistant: ..."}
-
-A `ChatTemplate` renders messages into segments of text, each marked as trained or not:
-everything a user or system wrote, and the assistant prefix, carries no loss; each
-assistant reply and the end-of-text token after it do. Segments are tokenized one by one,
-so the mask is exact at every boundary, and generation encodes a prompt the same way
-(`prompt_ids`), so training and generation cannot drift apart. The template is a plain
-dict in the checkpoint; `to_jinja()` gives the same format as a transformers chat template.
 
 Sources (`sft.datasets`) use the data-spec syntax with `:N` caps: the registered Hub sets
 (`SFT_REGISTERED`), `hf:ORG/NAME[/CONFIG]`, and local `json:`, `jsonl:` and `parquet:` globs.
@@ -20,65 +14,23 @@ Held-out instructions are a source's own validation split where it has one, else
 fraction of its records picked by a seed that does not change with `run.seed`, so every run
 on the same data scores the same prompts. A malformed record stops the run with its file and
 line; a record with an empty reply (nothing to learn) is skipped and counted, never silently.
-Records are small, so they are read and tokenized on every run rather than cached: tokenizing
-is batched (`encode_examples`), about a second for 15k conversations.
+Records are small, so they are read and tokenized on every run rather than cached.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import random
 import re
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from llmctl.config import SFT_FORMATS as FORMATS
-from llmctl.errors import ConfigError, LlmctlError
-from llmctl.cross_entropy import IGNORE_INDEX
+from llmctl.data.chat_template import ROLES, Message
 from llmctl.data.readers import read_records
+from llmctl.errors import ConfigError, LlmctlError
 
-IGNORE = IGNORE_INDEX  # target id that cross-entropy skips
-ROLES = ("system", "user", "assistant")
 HOLDOUT_SEED = 0  # held-out records do not move when run.seed changes
-
-
-@dataclass(frozen=True)
-class ChatTemplate:
-    """How a conversation becomes text. `{content}` is replaced by the message."""
-
-    system: str = "{content}\n\n"
-    user: str = "### Human: {content}\n"
-    assistant_prefix: str = "### Assistant:"  # the generation prompt; no loss
-    assistant: str = " {content}"  # the reply; trained, then EOS (trained)
-    after_assistant: str = "\n"  # between an EOS and the next turn; no loss
-
-    def to_state(self) -> dict[str, str]:
-        return asdict(self)
-
-    @classmethod
-    def from_state(cls, state: dict[str, str]) -> "ChatTemplate":
-        return cls(**state)
-
-    def to_jinja(self, eos_token: str) -> str:
-        """The same rendering as a transformers chat template (for export)."""
-        def part(fmt: str) -> str:
-            before, _, after = fmt.partition("{content}")
-            return f"{json.dumps(before)} + message['content'] + {json.dumps(after)}"
-        return (
-            "{% for message in messages %}"
-            f"{{% if message['role'] == 'system' %}}{{{{ {part(self.system)} }}}}"
-            f"{{% elif message['role'] == 'user' %}}{{{{ {part(self.user)} }}}}"
-            f"{{% else %}}{{{{ {json.dumps(self.assistant_prefix)} + {part(self.assistant)} + "
-            f"{json.dumps(eos_token)} }}}}{{% if not loop.last %}}{{{{ {json.dumps(self.after_assistant)} }}}}"
-            f"{{% endif %}}{{% endif %}}"
-            "{% endfor %}"
-            f"{{% if add_generation_prompt %}}{{{{ {json.dumps(self.assistant_prefix)} }}}}{{% endif %}}"
-        )
-
-
-Message = tuple[str, str]  # (role, content)
 
 
 # --------------------------------------------------------------------------- records -> messages
@@ -189,93 +141,6 @@ def to_messages(record: dict[str, Any], fmt: str = "auto") -> list[Message]:
     if not any(role == "assistant" and content.strip() for role, content in messages):
         raise EmptyReply("no assistant reply to learn from")
     return messages
-
-
-
-# --------------------------------------------------------------------------- messages -> ids + mask
-
-def render_segments(messages: list[Message], template: ChatTemplate) -> list[tuple[str, bool]]:
-    """(text, trained) segments; the EOS after each reply is added at tokenization."""
-    segments: list[tuple[str, bool]] = []
-    for i, (role, content) in enumerate(messages):
-        if role == "system":
-            segments.append((template.system.format(content=content), False))
-        elif role == "user":
-            segments.append((template.user.format(content=content), False))
-        else:
-            segments.append((template.assistant_prefix, False))
-            segments.append((template.assistant.format(content=content), True))
-            segments.append(("<eos>", True))
-            if i < len(messages) - 1:
-                segments.append((template.after_assistant, False))
-    return segments
-
-
-@dataclass
-class Example:
-    input_ids: list[int]  # (T,) tokens the model reads
-    labels: list[int]  # (T,) next-token targets, IGNORE where no loss
-    truncated: bool
-
-
-def encode_example(messages: list[Message], template: ChatTemplate, tokenizer, max_len: int) -> Example:
-    """Token ids and shifted targets for one conversation, at most `max_len` long.
-
-    Too long: the reply side is cut; if the prompt alone leaves no room, its oldest
-    tokens go first so that at least a quarter of the window stays for the reply.
-    """
-    pieces = [([tokenizer.eos_id] if text == "<eos>" else tokenizer.encode(text), trained)
-              for text, trained in render_segments(messages, template)]
-    return _assemble(pieces, max_len)
-
-
-def encode_examples(conversations: list[list[Message]], template: ChatTemplate, tokenizer,
-                    max_len: int) -> list[Example]:
-    """`encode_example` for many conversations, with one batched tokenizer call over the
-    distinct segment texts (the template's fixed parts repeat in every example)."""
-    rendered = [render_segments(messages, template) for messages in conversations]
-    texts = sorted({text for segments in rendered for text, _ in segments if text != "<eos>"})
-    ids_of = dict(zip(texts, tokenizer.encode_batch(texts))) if texts else {}
-    return [_assemble([([tokenizer.eos_id] if text == "<eos>" else ids_of[text], trained)
-                       for text, trained in segments], max_len) for segments in rendered]
-
-
-def examples_fingerprint(examples: list[Example]) -> str:
-    """sha256 of the examples' input ids and labels, in order (each array prefixed by its length,
-    so no two different lists of examples hash alike by concatenation)."""
-    import numpy as np
-
-    hasher = hashlib.sha256()
-    for e in examples:
-        for ids in (e.input_ids, e.labels):
-            hasher.update(np.int64(len(ids)).tobytes())
-            hasher.update(np.asarray(ids, dtype=np.int64).tobytes())
-    return hasher.hexdigest()
-
-
-def _assemble(pieces: list[tuple[list[int], bool]], max_len: int) -> Example:
-    """Encoded segments (ids, trained) -> one Example, truncated as encode_example describes."""
-    ids: list[int] = []
-    trained: list[bool] = []
-    for seg, is_trained in pieces:
-        ids += seg
-        trained += [is_trained] * len(seg)
-    truncated = len(ids) > max_len + 1
-    if truncated:
-        first_trained = trained.index(True)
-        keep_prompt = min(first_trained, max_len + 1 - max(1, (max_len + 1) // 4))
-        start = first_trained - keep_prompt
-        ids, trained = ids[start: start + max_len + 1], trained[start: start + max_len + 1]
-    labels = [t if m else IGNORE for t, m in zip(ids[1:], trained[1:])]
-    return Example(ids[:-1], labels, truncated)
-
-
-def prompt_ids(messages: list[Message], template: ChatTemplate, tokenizer) -> list[int]:
-    """What generation feeds the model: the conversation so far plus the assistant prefix."""
-    ids: list[int] = []
-    for text, _ in render_segments(messages, template):
-        ids += [tokenizer.eos_id] if text == "<eos>" else tokenizer.encode(text)
-    return ids + tokenizer.encode(template.assistant_prefix)
 
 
 # --------------------------------------------------------------------------- specs -> conversations
@@ -443,57 +308,3 @@ def record_at(spec_text: str, index: int) -> tuple[str, Any]:
     if not found:
         raise ConfigError(f"'{spec_text}' has fewer than {index + 1} records; pass a smaller --index")
     return found[0]
-
-
-# --------------------------------------------------------------------------- batches
-
-def pad_batch(examples: list[Example], pad_id: int):
-    """(x, y) of shape (B, T_max): right-padded, so no real token ever attends to padding
-    (attention is causal) and padding positions carry IGNORE targets. One example per row:
-    examples never attend to one another."""
-    import torch
-
-    T = max(len(e.input_ids) for e in examples)
-    x = torch.full((len(examples), T), pad_id, dtype=torch.long)
-    y = torch.full((len(examples), T), IGNORE, dtype=torch.long)
-    for row, e in enumerate(examples):
-        x[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
-        y[row, : len(e.labels)] = torch.tensor(e.labels)
-    return x, y
-
-
-class ExampleBatches:
-    """Endless micro-batches of examples drawn by a seeded permutation, epoch after epoch.
-
-    The position (epoch, index into the permutation) and the generator are the whole state,
-    so a resumed run draws exactly the batches it would have drawn."""
-
-    def __init__(self, examples: list[Example], batch_size: int, pad_id: int, seed: int):
-        import torch
-
-        if not examples:
-            raise LlmctlError("no SFT training examples; check sft.datasets")
-        self.examples, self.batch_size, self.pad_id = examples, batch_size, pad_id
-        self.generator = torch.Generator().manual_seed(seed)
-        self.epoch, self.index = 0, 0
-        self.order = torch.randperm(len(examples), generator=self.generator).tolist()
-
-    def next_batch(self):
-        import torch
-
-        chosen = []
-        for _ in range(self.batch_size):
-            if self.index == len(self.order):
-                self.epoch, self.index = self.epoch + 1, 0
-                self.order = torch.randperm(len(self.examples), generator=self.generator).tolist()
-            chosen.append(self.examples[self.order[self.index]])
-            self.index += 1
-        return pad_batch(chosen, self.pad_id)
-
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state(), "epoch": self.epoch, "index": self.index,
-                "order": list(self.order)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
-        self.epoch, self.index, self.order = int(state["epoch"]), int(state["index"]), list(state["order"])
