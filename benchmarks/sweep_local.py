@@ -180,11 +180,9 @@ VARIANTS["gpt2-384-lr3e-4"] = ("cpu-10m", {**VARIANTS["gpt2-384-nanogpt-hp"][1],
 VARIANTS["gpt2-384-nanogpt-hp-d0.3"] = ("cpu-10m", {**VARIANTS["gpt2-384-nanogpt-hp"][1], "model.dropout": "0.3"})
 # Fourth session, on cpu-10m as chosen above (2.177). 19M of its 30M parameters are GPT-2's
 # 50k-token embedding, but the 1 MB uses 17k of those tokens, and 8.8% of the held-out tokens
-# are ones training never saw. data.tokenizer_min_count cuts the vocabulary to the tokens seen
-# (and the pieces that build them): 20.8k tokens at 1, 14.4k at 2.
-VARIANTS["gpt2-min1"] = ("cpu-10m", {"data.tokenizer": f'"{GPT2}"', "data.tokenizer_min_count": "1"})
-VARIANTS["gpt2-min2"] = ("cpu-10m", {"data.tokenizer": f'"{GPT2}"', "data.tokenizer_min_count": "2"})
-# gpt2-min1: 1,384 steps (2x the tokens/s), validation 5.99 (cpu-10m: 6.14), but held out 2.396.
+# are ones training never saw. gpt2-min1 cut GPT-2's vocabulary to the 20.8k tokens seen (and
+# the pieces that build them), with a config key llmctl no longer has: 1,384 steps (2x the
+# tokens/s), validation 5.99 (cpu-10m: 6.14), but held out 2.396, so the key was removed.
 # Muon on the blocks' matrices (AdamW on the embedding), the same lr:
 VARIANTS["gpt2-muon"] = ("cpu-10m", {"data.tokenizer": f'"{GPT2}"', "pretrain.optimizer": '"muon"'})
 # gpt2-muon: 618 steps (Newton-Schulz costs ~20%), lower training loss, held out 2.220. Both

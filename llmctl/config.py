@@ -42,7 +42,6 @@ class RunConfig:
 class DataConfig:
     datasets: list[str] = field(default_factory=lambda: ["wikitext-2-raw-v1"])  # data specs, concatenated
     tokenizer: str = "gpt2"  # Hub name or local folder with tokenizer.json
-    tokenizer_min_count: int = 0  # >0: keep only the BPE tokens seen this often in the data (smaller vocabulary)
     cache_dir: str = ""  # token cache; "" = $LLMCTL_CACHE or ~/.cache/llmctl
     validation_fraction: float = 0.05  # held out when a source has no validation split
     weights: list[float] = field(default_factory=list)  # per-source sampling weights; [] = by size
@@ -357,8 +356,6 @@ def validate(cfg: Config) -> None:
     _check(len(d.datasets) > 0, "data.datasets is empty; name at least one source, "
            "e.g. --set 'data.datasets=[\"text:corpus.txt\"]'")
     _check(bool(d.tokenizer), "data.tokenizer is empty; name a Hub tokenizer (gpt2) or a local folder")
-    _check(d.tokenizer_min_count >= 0,
-           f"data.tokenizer_min_count must be >= 0 (0 = keep the whole vocabulary), got {d.tokenizer_min_count}")
     _check(0.0 < d.validation_fraction < 0.5,
            f"data.validation_fraction must be in (0, 0.5), got {d.validation_fraction}")
     _check(not d.weights or (len(d.weights) == len(d.datasets) and min(d.weights) >= 0 and sum(d.weights) > 0),
@@ -471,10 +468,20 @@ def load_config(preset: str | None = None, overrides: list[str] | None = None,
     return cfg
 
 
+# Keys that earlier versions saved in every checkpoint and config.toml and this one no longer
+# has. A saved config drops them, so those runs still load; a preset or --set naming one gets
+# the unknown-key error like any other.
+RETIRED_KEYS = {"data": ("tokenizer_min_count",)}
+
+
 def config_from_dict(tree: dict[str, Any]) -> Config:
-    """Rebuild a Config saved in a checkpoint or config.toml (same strict checks)."""
+    """Rebuild a Config saved in a checkpoint or config.toml (same strict checks, less the
+    retired keys)."""
     cfg = Config()
-    _merge(cfg, tree, origin="saved config")
+    current = {section: ({k: v for k, v in values.items() if k not in RETIRED_KEYS.get(section, ())}
+                         if isinstance(values, dict) else values)
+               for section, values in tree.items()}
+    _merge(cfg, current, origin="saved config")
     validate(cfg)
     return cfg
 

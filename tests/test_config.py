@@ -50,6 +50,22 @@ def test_toml_round_trip():
     assert config_from_dict(tomllib.loads(cfg.to_toml())) == cfg
 
 
+def test_a_retired_key_is_unknown_to_users_and_dropped_from_saved_configs(tmp_path):
+    preset = tmp_path / "old.toml"
+    preset.write_text("[data]\ntokenizer_min_count = 0\n")
+    with pytest.raises(ConfigError, match="unknown config key 'data.tokenizer_min_count' in .*old.toml"):
+        load_config(str(preset))
+    # what a checkpoint or config.toml written before the key's removal holds
+    saved = load_config("tiny", run_name="old").to_dict()
+    for value in (0, 1):
+        saved["data"]["tokenizer_min_count"] = value
+        cfg = config_from_dict(saved)
+        assert not hasattr(cfg.data, "tokenizer_min_count") and cfg == load_config("tiny", run_name="old")
+    assert saved["data"]["tokenizer_min_count"] == 1  # the caller's dict is left as it was
+    with pytest.raises(ConfigError, match="unknown config key 'data.tokenizer_max_count' in saved config"):
+        config_from_dict({"data": {"tokenizer_max_count": 1}})  # only the retired keys are forgiven
+
+
 def test_parse_override_reads_toml_else_string():
     assert parse_override("a.b=3") == ("a.b", 3)
     assert parse_override("a.b=[1, 2]") == ("a.b", [1, 2])
@@ -69,7 +85,6 @@ def test_parse_override_reads_toml_else_string():
     ("pretrain.lr_schedule=linear", "pretrain.lr_schedule must be one of"),
     ("pretrain.optimizer=sgd", "pretrain.optimizer must be one of adamw, muon"),
     ("pretrain.optimizer=muon run.distributed=fsdp", "which run.distributed = \"fsdp\" shards"),
-    ("data.tokenizer_min_count=-1", "data.tokenizer_min_count must be >= 0"),
     ("pretrain.lrr=1", "unknown config key 'pretrain.lrr'"),
     ("pretrian.lr=1", "unknown config section 'pretrian'"),
     ("model.n_heads=5", "must be divisible by model.n_heads"),
@@ -118,6 +133,7 @@ def test_preset_file_errors(tmp_path):
     (["--set", "pretrain.lr=-1"], "pretrain.lr must be > 0"),
     (["--set", "pretrain.micro_batch_size=7"], "divisible"),
     (["--set", "nope.key=1"], "unknown config section 'nope'"),
+    (["--set", "data.tokenizer_min_count=1"], "unknown config key 'data.tokenizer_min_count' in --set"),
     (["--preset", "nonexistent"], "unknown preset 'nonexistent'"),
 ])
 def test_cli_config_errors_are_one_line_exit_2_and_create_nothing(args, fragment, tmp_path, monkeypatch):

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import hold_out_in_memory
 from llmctl.config import DataConfig
 from llmctl.data.batches import RandomWindows
 from llmctl.data.sources import iter_documents, parse_spec
-from llmctl.data.store import _hold_out, prepare_store
+from llmctl.data.store import prepare_store
 from llmctl.data.tokenizer import TextTokenizer, load_tokenizer
 from llmctl.errors import ConfigError, LlmctlError
 
@@ -58,10 +59,10 @@ def test_text_documents_skip_blank_lines_and_respect_caps(tmp_path):
 
 def test_hold_out_by_documents_or_by_stream():
     docs = [np.arange(10, dtype=np.uint16) for _ in range(40)]
-    train, val = _hold_out(docs, 0.05)
+    train, val = hold_out_in_memory(docs, 0.05)
     assert len(val) == 2 and len(train) == 38
     one = [np.arange(1000, dtype=np.uint16)]
-    train, val = _hold_out(one, 0.1)
+    train, val = hold_out_in_memory(one, 0.1)
     assert sum(a.size for a in val) == 100 and sum(a.size for a in train) == 900
     assert np.array_equal(np.concatenate(train + val), one[0])
 

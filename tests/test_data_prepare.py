@@ -5,7 +5,6 @@ tokenizers, weighted windows, and one-line errors that cache nothing."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import time
@@ -15,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import PYTHON, shared_file
+from conftest import PYTHON, hold_out_in_memory, shared_file
 from llmctl.config import DataConfig
 from llmctl.data.batches import RandomWindows, training_windows
 from llmctl.data.sources import check_sources, iter_documents, parse_spec
-from llmctl.data.store import TokenView, _hold_out, prepare_store, verify_store
+from llmctl.data.store import TokenView, prepare_store, verify_store
 from llmctl.data.tokenizer import load_tokenizer, resolve_tokenizer
 from llmctl.errors import ConfigError, LlmctlError
 
@@ -163,7 +162,7 @@ def test_store_equals_direct_tokenization_across_shards(tmp_path, monkeypatch, g
         vlo, vhi = store.source_ranges("validation")[i]
         assert train[lo:hi].tolist() + val[vlo:vhi].tolist() == direct  # exact ids, split at the tail
         docs = [np.array(ids + [gpt2.eos_id]) for ids in gpt2.encode_batch(list(iter_documents(parse_spec(spec))))]
-        _, held = _hold_out(docs, cfg.validation_fraction)
+        _, held = hold_out_in_memory(docs, cfg.validation_fraction)
         assert val[vlo:vhi].tolist() == np.concatenate(held).tolist()  # the same rule as in memory
         assert source["train"]["documents"] + source["validation"]["documents"] == len(docs)
         text_bytes = sum(len(d.encode()) for d in iter_documents(parse_spec(spec)))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -193,6 +194,38 @@ def test_resume_refuses_changed_training_data_of_the_same_token_count(work, shak
     assert len(payload["data"].pop("fingerprint")) == 64
     save_checkpoint(final, {k: v for k, v in payload.items() if k not in ("kind", "format_version")})
     assert run(*resume).exit_code == 0
+
+
+def test_a_run_saved_with_a_retired_config_key_still_evaluates_generates_tunes_and_resumes(
+        work, shakespeare, small_tok):
+    import tomli_w
+
+    from conftest import shared_file
+
+    assert run(*small_run_args("old", shakespeare, small_tok, "--set", "pretrain.max_steps=4")).exit_code == 0
+    run_dir = work / "experiments" / "runs" / "old"
+    # as every run saved it before data.tokenizer_min_count was removed
+    for path in run_dir.glob("*.pt"):
+        payload = load_checkpoint(path)
+        payload["config"]["data"]["tokenizer_min_count"] = 0
+        save_checkpoint(path, {k: v for k, v in payload.items() if k not in ("kind", "format_version")})
+    saved = tomllib.loads((run_dir / "config.toml").read_text())
+    saved["data"]["tokenizer_min_count"] = 0
+    (run_dir / "config.toml").write_text(tomli_w.dumps(saved))
+
+    scored = run("eval", "--checkpoint", str(run_dir), "--data", f"text:{shakespeare}:20", "--json")
+    assert scored.exit_code == 0, scored.output
+    sampled = run("generate", "--checkpoint", str(run_dir), "--prompt", "ROMEO:", "--max-new-tokens", "4")
+    assert sampled.exit_code == 0 and sampled.stdout.strip(), sampled.output
+    tuned = run("sft", "--from", str(run_dir), "--preset", "tiny", "--run-name", "old-sft",
+                "--set", f'sft.datasets=["jsonl:{shared_file("sft/dolly_open_qa.jsonl")}:40"]',
+                "--set", "sft.max_steps=2", "--set", "sft.batch_size=4", "--set", "sft.micro_batch_size=2",
+                "--set", "sft.samples=0", "--set", "run.device=cpu", "--set", "run.dtype=float32")
+    assert tuned.exit_code == 0, tuned.output
+    assert "tokenizer_min_count" not in (work / "experiments" / "runs" / "old-sft" / "config.toml").read_text()
+    resumed = run(*small_run_args("old", shakespeare, small_tok, "--resume", "--set", "pretrain.max_steps=6"))
+    assert resumed.exit_code == 0, resumed.output
+    assert "resumed from old-pretrain_final.pt at step 4" in resumed.stderr
 
 
 def test_divergence_stops_without_overwriting_the_good_checkpoint(work, shakespeare, small_tok):

@@ -78,17 +78,17 @@ def cached_trained_tokenizer(cfg: DataConfig, vocab: int) -> TextTokenizer | Non
     return _load(folder, vocab) if (folder / "tokenizer.json").is_file() else None
 
 
-def sample_documents(specs: list[SourceSpec], budget: int, validation_fraction: float | None) -> Iterator[str]:
+def sample_documents(specs: list[SourceSpec], budget: int, validation_fraction: float) -> Iterator[str]:
     """Training documents, up to budget / len(specs) characters from the start of each source.
 
-    With `validation_fraction` (data.validation_fraction), a source without its own validation
-    split contributes only text before the tail the token store will hold out (see
-    `before_holdout`); None samples every document (llmctl.data.prune)."""
+    A source without its own validation split contributes only text before the tail the token
+    store will hold out with `validation_fraction` (data.validation_fraction; see
+    `before_holdout`)."""
     share = budget // len(specs)
     for spec in specs:
         used = 0
         docs = iter_documents(spec, "train")
-        if validation_fraction is not None and not has_validation_split(spec):
+        if not has_validation_split(spec):
             docs = before_holdout(docs, validation_fraction)
         for doc in docs:
             yield doc

@@ -6,8 +6,9 @@ Most of the `tokenizers` library's time per document goes to its general machine
 merges. For a tokenizer whose only pre-tokenizer is GPT-2's byte-level regex, the ids of
 a document are the concatenation of the ids of its regex pieces, each piece encoded on
 its own; and word frequencies are Zipfian, so a cache of piece -> ids answers almost
-every piece without calling the tokenizer. This runs 2.5-4x faster per core than
-`encode_batch_fast` and yields the same ids, under three guards:
+every piece without calling the tokenizer. This runs faster per core than
+`encode_batch_fast` (`benchmarks/bench_tokenize.py`, figures in benchmarks/RESULTS.md) and
+yields the same ids, under three guards:
 
 1. Structure: no normalizer, a `ByteLevel` pre-tokenizer (no prefix space, GPT-2 regex),
    a `BPE` model without dropout, and added tokens that match as plain strings (no

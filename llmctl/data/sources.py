@@ -63,10 +63,6 @@ class SourceSpec:
     field: str | None = None  # the text field of jsonl/json/parquet/hf records; None = "text"
 
     @property
-    def label(self) -> str:
-        return self.raw
-
-    @property
     def text_field(self) -> str:
         return self.field or "text"
 

@@ -7,9 +7,7 @@ that JSON) ties token stores and checkpoints to the tokenizer that made them, an
 `check_fingerprint` refuses to mix ids from two different tokenizers.
 
 `data.tokenizer = "train:V"` trains a byte-level BPE of V tokens on the configured sources
-instead (see `llmctl.data.bpe`), and `data.tokenizer_min_count = N` cuts any BPE tokenizer down
-to the tokens the sources use (see `llmctl.data.prune`); `resolve_tokenizer` is the one entry
-point for all of them.
+instead (see `llmctl.data.bpe`); `resolve_tokenizer` is the one entry point for all of them.
 """
 
 from __future__ import annotations
@@ -113,37 +111,25 @@ def load_tokenizer(name: str) -> TextTokenizer:
 
 def resolve_tokenizer(cfg: "DataConfig", on_status: Callable[[str], None] | None = None) -> TextTokenizer:
     """`data.tokenizer` -> TextTokenizer: a Hub name, a local folder, or `train:V` (a byte-level
-    BPE trained on `data.datasets`, cached after the first time); with `data.tokenizer_min_count`,
-    cut down to the tokens the sources use (`llmctl.data.prune`, also cached)."""
+    BPE trained on `data.datasets`, cached after the first time)."""
     from llmctl.data.bpe import parse_train_spec, train_tokenizer
 
     vocab = parse_train_spec(cfg.tokenizer)
-    base = load_tokenizer(cfg.tokenizer) if vocab is None else train_tokenizer(cfg, vocab, on_status)
-    if not cfg.tokenizer_min_count:
-        return base
-    from llmctl.data.prune import prune_tokenizer
-
-    return prune_tokenizer(cfg, base, on_status)
+    return load_tokenizer(cfg.tokenizer) if vocab is None else train_tokenizer(cfg, vocab, on_status)
 
 
 def ready_tokenizer(cfg: "DataConfig") -> TextTokenizer | None:
-    """The tokenizer `resolve_tokenizer` would give, if that needs no training or pruning (it
-    is loaded, or cached from an earlier run); None if it still has to be made."""
+    """The tokenizer `resolve_tokenizer` would give, if that needs no training (it is loaded,
+    or cached from an earlier run); None if it still has to be trained."""
     from llmctl.data.bpe import cached_trained_tokenizer, parse_train_spec
 
     vocab = parse_train_spec(cfg.tokenizer)
-    base = load_tokenizer(cfg.tokenizer) if vocab is None else cached_trained_tokenizer(cfg, vocab)
-    if base is None or not cfg.tokenizer_min_count:
-        return base
-    from llmctl.data.prune import cached_pruned_tokenizer
-
-    return cached_pruned_tokenizer(cfg, base)
+    return load_tokenizer(cfg.tokenizer) if vocab is None else cached_trained_tokenizer(cfg, vocab)
 
 
 def planned_vocab_size(cfg: "DataConfig") -> int:
-    """The tokenizer's vocabulary without training or pruning one (for `--dry-run`): the
-    ready tokenizer's, else V for train:V or the whole vocabulary before pruning (upper
-    bounds: the pruned tokenizer can only be smaller)."""
+    """The tokenizer's vocabulary without training one (for `--dry-run`): the ready
+    tokenizer's, else V for train:V (an upper bound: training may stop short of V)."""
     from llmctl.data.bpe import parse_train_spec
 
     ready = ready_tokenizer(cfg)
