@@ -7,13 +7,11 @@ The stream may be a `TokenView` over many shards: a window that crosses a shard 
 is read from both. With `data.weights`, each window first picks a source with those
 probabilities, then a start uniformly inside that source's range, so a small corpus can be
 seen as often as a large one (sources are otherwise sampled in proportion to their size).
-Evaluation walks the stream in order with non-overlapping windows, so every token after
-the first is scored exactly once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -63,22 +61,6 @@ class RandomWindows:
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
-
-
-def sequential_windows(tokens: np.ndarray, seq_len: int, batch_size: int,
-                       max_tokens: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(x, y) batches covering tokens[0 : n] in order; windows overlap by one token so each
-    target appears once. The last window may be shorter and comes in a batch of its own."""
-    n = len(tokens) if not max_tokens else min(len(tokens), max_tokens + 1)
-    starts = list(range(0, n - 1, seq_len))
-    full = [s for s in starts if s + seq_len + 1 <= n]
-    for i in range(0, len(full), batch_size):
-        chunk = np.stack([tokens[s: s + seq_len + 1] for s in full[i: i + batch_size]])
-        chunk = torch.from_numpy(chunk.astype(np.int64))
-        yield chunk[:, :-1], chunk[:, 1:]
-    if len(full) < len(starts):
-        tail = torch.from_numpy(np.asarray(tokens[starts[-1]: n], dtype=np.int64))[None]
-        yield tail[:, :-1], tail[:, 1:]
 
 
 def training_windows(store: Any, weights: Sequence[float], seq_len: int, batch_size: int,

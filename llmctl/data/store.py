@@ -120,9 +120,6 @@ class TokenView:
         whole = self[:]
         return np.asarray(whole, dtype=dtype) if dtype is not None else np.asarray(whole)
 
-    def tolist(self) -> list[int]:
-        return self[:].tolist()
-
 
 @dataclass
 class TokenStore:
@@ -408,16 +405,3 @@ def verify_store(store: TokenStore) -> list[str]:
         if hasher.hexdigest() != shard["sha256"]:
             bad.append(shard["name"])
     return bad
-
-
-def _hold_out(docs: list[np.ndarray], fraction: float) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """The hold-out rule on in-memory documents (one array of ids each): (train, validation)
-    arrays. The store applies the same rule to shards through `llmctl.data.holdout`."""
-    ends = np.cumsum([d.size for d in docs], dtype=np.int64)
-    lengths = np.array([d.size for d in docs], dtype=np.int64)
-    position, n_val = holdout.tail_cut(iter([lengths[::-1]]), int(ends[-1]) if len(docs) else 0,
-                                       len(docs), fraction)
-    if n_val is not None:
-        return docs[:-n_val], docs[-n_val:]
-    stream = np.concatenate(docs) if docs else np.empty(0, dtype=np.uint16)
-    return [stream[:position]], [stream[position:]]
