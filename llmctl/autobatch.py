@@ -12,8 +12,8 @@ holds at most CPU_TOKENS_PER_MICRO_BATCH tokens.
 
 Under torchrun every process probes its own GPU and all take the smallest answer (they must
 accumulate alike). The probe runs before FSDP shards the model, so with `run.distributed =
-"fsdp"` it errs small. A resumed run keeps the micro-batch it started with (its config.toml
-records the number), so the data order, which depends on it, continues exactly.
+"fsdp"` it errs small. A resumed run keeps the micro-batch it started with (its checkpoints'
+config records the number), so the data order, which depends on it, continues exactly.
 """
 
 from __future__ import annotations
