@@ -1,9 +1,9 @@
 """nanoGPT's recipe on the same text, budget and scoring as sweep_local.py: the baseline cpu-10m must beat.
 
-Issue 9 compares llmctl's CPU preset against nanoGPT's recipe trained for the same 10 minutes
-on the same 2-core machine. To place that baseline on exactly our held-out articles and our
-scoring, this script trains a plain GPT-2-style model the way nanoGPT's `train.py` does on a
-CPU, written out here in ~150 lines so it runs without a nanoGPT checkout:
+cpu-10m is measured against nanoGPT's recipe trained for the same 10 minutes on the same
+machine. To place that baseline on exactly the same held-out articles and scoring, this
+script trains a plain GPT-2-style model the way nanoGPT's `train.py` does on a CPU, written
+out here in ~150 lines so it runs without a nanoGPT checkout:
 
 - model: token + learned position embeddings, pre-LayerNorm blocks (no biases), GELU MLP of
   4x width, tied output layer, N(0, 0.02) init with residual projections scaled by

@@ -12,8 +12,8 @@ holds at most CPU_TOKENS_PER_MICRO_BATCH tokens.
 
 Under torchrun every process probes its own GPU and all take the smallest answer (they must
 accumulate alike). The probe runs before FSDP shards the model, so with `run.distributed =
-"fsdp"` it errs small. A resumed run keeps the micro-batch it started with (its config.toml
-records the number), so the data order, which depends on it, continues exactly.
+"fsdp"` it errs small. A resumed run keeps the micro-batch it started with (its checkpoints'
+config records the number), so the data order, which depends on it, continues exactly.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from llmctl.errors import LlmctlError
 from llmctl.runtime import DistInfo, autocast
 
 HEADROOM = 0.9  # of the GPU's memory: allocator fragmentation and the compiled graph's workspace
-# Measured on 2 Zen 4 cores, 13.8M parameters at 256 tokens, bf16: micro-batches of 4, 8, 16 and
-# 32 sequences gave 5,637, 5,577, 5,589 and 4,185 tokens/s at 0.9, 1.1, 1.6 and 2.3 GB.
-CPU_TOKENS_PER_MICRO_BATCH = 4096  # 16 x 256: flat up to here, slower beyond, memory grows throughout
+# CPU tokens/s is flat up to 16 x 256 tokens a micro-batch and falls beyond, while memory grows
+# throughout (benchmarks/RESULTS.md).
+CPU_TOKENS_PER_MICRO_BATCH = 4096
 ADAM_BYTES_PER_PARAM = 8  # exp_avg and exp_avg_sq in fp32
 
 

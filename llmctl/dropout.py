@@ -1,11 +1,10 @@
 """Dropout whose random mask is cheap on a CPU.
 
 `F.dropout` draws one Bernoulli sample per element; on a CPU that sampling, not the
-multiply, is the cost: measured on a 2-core Zen 4, 12 ms for the (32, 256, 256) attention
-probabilities of one cpu-10m layer, and dropout 0.1 took training from 14,650 to 9,020
-tokens/s. Here the mask comes from random 64-bit integers viewed as bytes, eight elements per
-draw, compared with a threshold: 1.2 ms for the same mask. The rate is therefore rounded to
-a multiple of 1/256 (0.1 becomes 26/256 = 0.1016) and kept elements are scaled by
+multiply, is the cost, and it slows small models' training markedly. Here the mask comes
+from random 64-bit integers viewed as bytes, eight elements per draw, compared with a
+threshold: about a tenth of the time (benchmarks/RESULTS.md). The rate is therefore rounded
+to a multiple of 1/256 (0.1 becomes 26/256 = 0.1016) and kept elements are scaled by
 1 / (1 - that rate), so the expectation is exact. On GPUs `F.dropout`'s fused kernel is
 already cheap and is used as is.
 """

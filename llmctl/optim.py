@@ -6,15 +6,13 @@ not decayed.
 Muon (torch.optim.Muon) updates a weight matrix with its momentum orthogonalized by a few
 Newton-Schulz iterations: every direction of the update moves by the same amount, instead of
 the few directions that dominate a raw gradient. On small transformers it usually reaches a
-given training loss in fewer tokens than AdamW (on cpu-10m's 1 MB of text: a lower training
-loss per step, but ~20% fewer steps on a CPU and a worse score on unseen articles, 2.220
-against 2.177 bits per byte: it fits small data faster, overfitting included). It only
-applies to 2-D weights that act as linear maps inside the blocks (attention and MLP); the
-token embedding (tied to the output layer), whose rows are looked up rather than multiplied,
-and the norm gains stay with AdamW.
-With `adjust_lr_fn="match_rms_adamw"` Muon scales each update to AdamW's typical size, so
-one `lr` and `weight_decay` serve both optimizers and a recipe tuned for AdamW is a fair
-starting point.
+given training loss in fewer tokens than AdamW; on small data it overfits sooner too, and
+its Newton-Schulz steps cost CPU time (benchmarks/sweep_local_results.md). It only applies
+to 2-D weights that act as linear maps inside the blocks (attention and MLP); the token
+embedding (tied to the output layer), whose rows are looked up rather than multiplied, and
+the norm gains stay with AdamW. With `adjust_lr_fn="match_rms_adamw"` Muon scales each
+update to AdamW's typical size, so one `lr` and `weight_decay` serve both optimizers and a
+recipe tuned for AdamW is a fair starting point.
 """
 
 from __future__ import annotations

@@ -60,10 +60,6 @@ class RunLock:
     depth: int = 1  # times this process has taken it (the pipeline, then its stage)
 
     @property
-    def path(self) -> Path:
-        return self.run_dir / LOCK_FILE
-
-    @property
     def existed(self) -> bool:
         """Whether the run directory was there before this command."""
         return not self.made

@@ -88,10 +88,9 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
 
 def resolve_compile(setting: bool | str, device: torch.device) -> bool:
     """run.compile: true and false mean what they say; "auto" compiles on CUDA only. On a CPU
-    compiling does pay at useful sizes (+14% tokens/s at cpu-10m's 4.3M parameters, +29% at
-    the 13.8M nanoGPT shape, 2-core Zen 4) but costs ~20 s to 1 min of cold compilation
-    per run — more than a short experiment gains — so the CPU presets that run long turn it
-    on themselves. MPS and Windows compilers are too unreliable to default on."""
+    compiling pays at useful sizes but costs up to a minute of cold compilation per run, more
+    than a short experiment gains (benchmarks/RESULTS.md), so a preset that trains long on a
+    CPU (cpu-10m) turns it on itself. MPS and Windows compilers are too unreliable to default on."""
     if setting == "auto":
         return device.type == "cuda"
     return bool(setting)

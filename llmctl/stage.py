@@ -19,9 +19,8 @@ from llmctl.progress import MetricsCallback, ProgressCallback, RunLog
 from llmctl.resume import ResumePoint
 from llmctl.retention import CheckpointCallback
 from llmctl.runlock import held, keep_lock_only
-from llmctl.runtime import DistInfo, barrier, resolve_compile
+from llmctl.runtime import DistInfo, barrier, resolve_compile, signal_name
 from llmctl.trackers import Reporting, check_trackers
-from llmctl.runtime import signal_name
 from llmctl.trainer import Callback, NonFiniteLoss, Trainer, TrainingInterrupted, TrainingStopped
 
 

@@ -528,7 +528,7 @@ class Trainer:
             else:
                 self.model.load_state_dict(state["model"])
                 saved = state["optimizer"]
-                # {"optimizers": [...]} since Muon; a checkpoint from before holds one AdamW state
+                # {"optimizers": [...]}, one state per optimizer; an older checkpoint holds one AdamW state
                 saved = saved["optimizers"] if "optimizers" in saved else [saved]
                 for optimizer, optimizer_state in zip(self.optimizers, saved, strict=True):
                     optimizer.load_state_dict(optimizer_state)

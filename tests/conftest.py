@@ -6,7 +6,6 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -51,19 +50,6 @@ def cli_env(tmp_path: Path) -> dict[str, str]:
 
 
 PYTHON = sys.executable
-
-
-def hold_out_in_memory(docs: list[np.ndarray], fraction: float) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """The store's hold-out rule (`llmctl.data.holdout`) on in-memory documents, one array of
-    ids each: (train, validation) arrays, to check the store's splits against."""
-    from llmctl.data.holdout import tail_cut
-
-    lengths = np.array([d.size for d in docs], dtype=np.int64)
-    position, n_val = tail_cut(iter([lengths[::-1]]), int(lengths.sum()), len(docs), fraction)
-    if n_val is not None:
-        return docs[:-n_val], docs[-n_val:]
-    stream = np.concatenate(docs) if docs else np.empty(0, dtype=np.uint16)
-    return [stream[:position]], [stream[position:]]
 
 
 @pytest.fixture(scope="session")

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import hold_out_in_memory
 from llmctl.config import DataConfig
 from llmctl.data.batches import RandomWindows
+from llmctl.data.holdout import tail_cut
 from llmctl.data.sources import iter_documents, parse_spec
 from llmctl.data.store import prepare_store
 from llmctl.data.tokenizer import TextTokenizer, load_tokenizer
@@ -58,13 +58,9 @@ def test_text_documents_skip_blank_lines_and_respect_caps(tmp_path):
 
 
 def test_hold_out_by_documents_or_by_stream():
-    docs = [np.arange(10, dtype=np.uint16) for _ in range(40)]
-    train, val = hold_out_in_memory(docs, 0.05)
-    assert len(val) == 2 and len(train) == 38
-    one = [np.arange(1000, dtype=np.uint16)]
-    train, val = hold_out_in_memory(one, 0.1)
-    assert sum(a.size for a in val) == 100 and sum(a.size for a in train) == 900
-    assert np.array_equal(np.concatenate(train + val), one[0])
+    lengths = np.full(40, 10)  # 40 documents of 10 tokens, read from the last one backwards
+    assert tail_cut(iter([lengths[::-1]]), 400, 40, 0.05) == (380, 2)  # the last 2 documents
+    assert tail_cut(iter([np.array([1000])]), 1000, 1, 0.1) == (900, None)  # one document: a stream cut
 
 
 def test_store_counts_match_direct_tokenization_and_is_reused(tmp_path, gpt2, wikitext_valid):
@@ -121,4 +117,3 @@ def test_random_windows_are_seeded_and_resumable():
     nxt = a.next_batch()[0]
     b.load_state_dict(state)
     assert torch.equal(b.next_batch()[0], nxt)
-

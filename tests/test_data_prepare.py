@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import PYTHON, hold_out_in_memory, shared_file
+from conftest import PYTHON, shared_file
 from llmctl.config import DataConfig
 from llmctl.data.batches import RandomWindows, training_windows
+from llmctl.data.holdout import tail_cut
 from llmctl.data.sources import check_sources, iter_documents, parse_spec
 from llmctl.data.store import TokenView, prepare_store, verify_store
 from llmctl.data.tokenizer import load_tokenizer, resolve_tokenizer
@@ -162,8 +163,9 @@ def test_store_equals_direct_tokenization_across_shards(tmp_path, monkeypatch, g
         vlo, vhi = store.source_ranges("validation")[i]
         assert train[lo:hi].tolist() + val[vlo:vhi].tolist() == direct  # exact ids, split at the tail
         docs = [np.array(ids + [gpt2.eos_id]) for ids in gpt2.encode_batch(list(iter_documents(parse_spec(spec))))]
-        _, held = hold_out_in_memory(docs, cfg.validation_fraction)
-        assert val[vlo:vhi].tolist() == np.concatenate(held).tolist()  # the same rule as in memory
+        lengths = np.array([d.size for d in docs])
+        cut, _ = tail_cut(iter([lengths[::-1]]), int(lengths.sum()), len(docs), cfg.validation_fraction)
+        assert val[vlo:vhi].tolist() == np.concatenate(docs)[cut:].tolist()  # the same rule as in memory
         assert source["train"]["documents"] + source["validation"]["documents"] == len(docs)
         text_bytes = sum(len(d.encode()) for d in iter_documents(parse_spec(spec)))
         assert source["train"]["bytes"] + source["validation"]["bytes"] == text_bytes
@@ -290,7 +292,7 @@ def test_train_tokenizer_sample_of_one_document_stops_before_its_held_out_text(t
     cfg = DataConfig(datasets=[f"text:{one}"], tokenizer="train:300", cache_dir=str(tmp_path / "c"))
     tok = resolve_tokenizer(cfg)
     store = prepare_store(cfg, tok)
-    train_text = tok.decode(store.tokens("train").tolist())
+    train_text = tok.decode(store.tokens("train")[:].tolist())
     [sample] = list(sample_documents(check_sources(cfg.datasets), SAMPLE_CHARS, cfg.validation_fraction))
     assert train_text.startswith(sample) and 0.8 * len(train_text) < len(sample) < len(train_text)
 

@@ -182,7 +182,6 @@ def test_sft_evaluation_splits_over_fsdp_ranks_and_matches_one_process(work, sha
 def _fsdp_eval_rank(rank: int, world: int, init_file: str, out_dir: str) -> None:
     """One rank of test_fsdp_evaluation_deals_batches_evenly: a 2-block model sharded as the
     trainer shards it, evaluated on uneven splits; writes what it scored and how."""
-    import numpy as np
     import torch.distributed as td
     from torch.distributed.fsdp import fully_shard
 

@@ -49,7 +49,6 @@ REGISTERED: dict[str, HubDataset] = {
 }
 
 LOCAL_KINDS = ("text", "jsonl", "json", "parquet")
-FIELD_KINDS = ("jsonl", "json", "parquet", "hub")  # kinds whose records have named fields
 _FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 _FORMS = "a registered name ({}), hf:ORG/NAME[/CONFIG], text:GLOB, jsonl:GLOB, json:GLOB or parquet:GLOB"
 

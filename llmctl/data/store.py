@@ -74,14 +74,6 @@ class TokenView:
     def __len__(self) -> int:
         return int(self.ends[-1]) if len(self.ends) else 0
 
-    @property
-    def shape(self) -> tuple[int]:
-        return (len(self),)
-
-    @property
-    def size(self) -> int:
-        return len(self)
-
     def _part(self, i: int, lo: int, hi: int) -> np.ndarray:
         """Tokens [lo, hi) of segment i, in segment coordinates."""
         name, start, _ = self.segments[i]
@@ -119,9 +111,6 @@ class TokenView:
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         whole = self[:]
         return np.asarray(whole, dtype=dtype) if dtype is not None else np.asarray(whole)
-
-    def tolist(self) -> list[int]:
-        return self[:].tolist()
 
 
 @dataclass
