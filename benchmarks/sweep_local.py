@@ -186,6 +186,8 @@ VARIANTS["gpt2-wd1"] = ("cpu-10m", {"data.tokenizer": f'"{GPT2}"', "pretrain.wei
 VARIANTS["gpt2-drop0.3"] = ("cpu-10m", {"data.tokenizer": f'"{GPT2}"', "model.dropout": "0.3"})
 # The spread between runs: cpu-10m with another seed (weights, data order).
 VARIANTS["cpu-10m-seed2"] = ("cpu-10m", {"data.tokenizer": f'"{GPT2}"', "run.seed": "2"})
+# The preset as it is, with GPT-2's tokenizer from ../shared/data (offline).
+VARIANTS["cpu-10m-offline"] = ("cpu-10m", {"data.tokenizer": f'"{GPT2}"'})
 # The held-out score stops improving by step 500 of 711: a bigger model for the same time, at 6e-4.
 VARIANTS["gpt2-512x6-lr6e-4"] = ("cpu-10m", {"data.tokenizer": f'"{GPT2}"', "model.d_model": "512",
                                              "model.n_heads": "8", "model.n_kv_heads": "8"})
