@@ -180,10 +180,11 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 3, reference: bool = F
         raise ConfigError(f"--steps and --rounds must be >= 1 and --warmup >= 0, got {steps}, {rounds} "
                           f"and {warmup}")
     if cfg.model.vocab_size == 0:
-        from llmctl.data.tokenizer import load_tokenizer
+        from llmctl.data.tokenizer import planned_vocab_size
         from llmctl.pretrain import resolve_vocab
 
-        cfg = resolve_vocab(cfg, load_tokenizer(cfg.data.tokenizer).vocab_size)
+        # Synthetic tokens: train:V needs only V, not a trained tokenizer.
+        cfg = resolve_vocab(cfg, planned_vocab_size(cfg.data))
     dist, device = init_distributed(cfg.run.device, cfg.run.distributed)  # under torchrun: DDP or FSDP2
     if reference and dist.enabled:
         raise ConfigError("--reference times a single-process loop; run it without torchrun")

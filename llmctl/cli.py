@@ -132,9 +132,17 @@ RunNameOption = Annotated[Optional[str], typer.Option(
     "--run-name", "-n", help="Run directory name under run.output_dir (default: <preset>-<date>-<time>).")]
 
 
+def say_next(commands: list[tuple[str, str]]) -> None:
+    """What to run next, on stderr: stdout of a finished run stays the checkpoint path alone."""
+    width = max(len(command) for command, _ in commands)
+    typer.echo("next:", err=True)
+    for command, what in commands:
+        typer.echo(f"  {command.ljust(width)}   # {what}", err=True)
+
+
 @app.command(cls=ResumeCommand)
 def pretrain(
-    preset: PresetOption = "local",
+    preset: PresetOption = "quickstart",
     run_name: RunNameOption = None,
     overrides: SetOption = None,
     dry_run: Annotated[bool, typer.Option(
@@ -171,15 +179,18 @@ def pretrain(
 
         from llmctl.pretrain import resume_command, run_pretrain
 
+        from llmctl.pretrain import next_commands
+
         summary = run_pretrain(cfg, Console(stderr=True), overwrite=overwrite, resume=mode,
                                resume_command=resume_command(preset, overrides, cfg.run.name))
         if summary["checkpoint"]:  # None on the other ranks of a torchrun job
             typer.echo(summary["checkpoint"])
+            say_next(next_commands(summary["run_dir"]))
 
 
 @app.command()
 def bench(
-    preset: PresetOption = "local",
+    preset: PresetOption = "quickstart",
     overrides: SetOption = None,
     steps: Annotated[int, typer.Option("--steps", help="Timed optimizer steps.")] = 10,
     warmup: Annotated[int, typer.Option("--warmup", help="Untimed steps first (compilation, allocator).")] = 3,
@@ -461,7 +472,9 @@ def sft(
     from_: Annotated[Optional[str], typer.Option(
         "--from", metavar="CKPT", help="The checkpoint to fine-tune: an llmctl .pt file, or a run directory "
                                        "(its pretrain final checkpoint). Default: sft.from.")] = None,
-    preset: PresetOption = "local",
+    preset: Annotated[Optional[str], typer.Option(
+        "--preset", "-p", help="Preset whose [sft], [run] and [eval] settings to use (a name or a .toml path). "
+                               "Default: those the --from run was trained with.")] = None,
     run_name: Annotated[Optional[str], typer.Option(
         "--run-name", "-n", help="Run directory name under run.output_dir (default: the base run's name + '-sft').")
     ] = None,
@@ -481,7 +494,7 @@ def sft(
     with user_errors():
         from rich.console import Console
 
-        from llmctl.sft import load_sft_config, resume_command, run_sft
+        from llmctl.sft import load_sft_config, next_commands, resume_command, run_sft
 
         mode = resume_mode(resume)
         cfg, base = load_sft_config(preset, overrides, run_name, from_, mode)
@@ -489,11 +502,12 @@ def sft(
                           resume_command=resume_command(cfg.sft.from_, preset, overrides, cfg.run.name))
         if summary["checkpoint"]:  # None on the other ranks of a torchrun job
             typer.echo(summary["checkpoint"])
+            say_next(next_commands(summary["run_dir"]))
 
 
 @app.command()
 def pipeline(
-    preset: PresetOption = "local",
+    preset: PresetOption = "quickstart",
     run_name: Annotated[Optional[str], typer.Option(
         "--run-name", "-n", help="Run name (default: pipeline-<preset>); the SFT run is <name>-sft.")] = None,
     overrides: SetOption = None,
@@ -546,7 +560,7 @@ def _show_data(info: dict, as_json: bool) -> None:
 
 
 @data_app.command("prepare")
-def data_prepare(preset: PresetOption = "local", overrides: SetOption = None, as_json: JsonOption = False) -> None:
+def data_prepare(preset: PresetOption = "quickstart", overrides: SetOption = None, as_json: JsonOption = False) -> None:
     """Tokenize data.datasets into the cached token store; resumes an interrupted run, reuses a finished one.
 
     Example: llmctl data prepare --preset tiny --set 'data.datasets=["text:book.txt", "jsonl:chat.jsonl#content:5000"]'
@@ -561,7 +575,7 @@ def data_prepare(preset: PresetOption = "local", overrides: SetOption = None, as
 
 @data_app.command("info")
 def data_info(
-    preset: PresetOption = "local",
+    preset: PresetOption = "quickstart",
     overrides: SetOption = None,
     as_json: JsonOption = False,
     verify: Annotated[bool, typer.Option(
@@ -591,7 +605,7 @@ def data_inspect(
     checkpoint: Annotated[Optional[str], typer.Option(
         "--checkpoint", "-c", help="Use this checkpoint's tokenizer, chat template and context "
                                    "(default: the preset's data.tokenizer and model.max_seq_len).")] = None,
-    preset: PresetOption = "local",
+    preset: PresetOption = "quickstart",
     overrides: SetOption = None,
     as_json: JsonOption = False,
 ) -> None:

@@ -456,6 +456,12 @@ def load_config(preset: str | None = None, overrides: list[str] | None = None,
         path = find_preset(preset)
         _merge(cfg, read_toml(path), origin=str(path))
         preset_label = path.stem
+    return with_overrides(cfg, overrides, run_name, preset_label)
+
+
+def with_overrides(cfg: Config, overrides: list[str] | None, run_name: str | None = None,
+                   label: str = "defaults") -> Config:
+    """`cfg` <- `--set` overrides <- `--run-name` (default: LABEL-DATE-TIME), validated; in place."""
     _merge(cfg, _nest([parse_override(o) for o in overrides or []]), origin="--set")
     if run_name is not None:
         cfg.run.name = run_name
@@ -463,7 +469,7 @@ def load_config(preset: str | None = None, overrides: list[str] | None = None,
         import datetime
 
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        cfg.run.name = f"{preset_label}-{stamp}"
+        cfg.run.name = f"{label}-{stamp}"
     validate(cfg)
     return cfg
 

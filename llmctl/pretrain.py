@@ -188,3 +188,14 @@ def _pretrain(cfg: Config, console: Console, run_dir: Path, overwrite: bool, res
                      data_meta=data_meta, device=device, dtype=dtype, point=point, intro=intro,
                      overwrite=overwrite, resume_command=resume_command, dist_info=dist_info,
                      checkpoint_extra={"counts": counts.state_dict()} if counts is not None else None)
+
+
+def next_commands(run_dir: str) -> list[tuple[str, str]]:
+    """(command, what it does) to print when a pretraining run finishes."""
+    import shlex
+
+    run = shlex.quote(run_dir)
+    return [(f"llmctl generate --checkpoint {run} --prompt 'To be'", "sample text from the model"),
+            (f"llmctl eval --checkpoint {run}", "loss, perplexity and bits per byte on held-out text"),
+            (f"llmctl sft --from {run}", "teach it to answer (writes the run " + shlex.quote(Path(run_dir).name + "-sft") + ")"),
+            ("llmctl runs", "every run: state, steps, perplexity")]

@@ -44,7 +44,8 @@ from rich.console import Console
 
 from llmctl.autobatch import with_micro_batch
 from llmctl.checkpoint import load_checkpoint, resolve_checkpoint, step_checkpoints
-from llmctl.config import Config, config_from_dict, find_preset, load_config, parse_override, read_toml, validate
+from llmctl.config import (Config, config_from_dict, find_preset, load_config, parse_override, read_toml, validate,
+                           with_overrides)
 from llmctl.cross_entropy import IGNORE_INDEX
 from llmctl.data.batches import Example, ExampleBatches
 from llmctl.data.chat_template import ChatTemplate, Message, encode_example, encode_examples, prompt_ids
@@ -154,6 +155,9 @@ def load_sft_config(preset: str | None, overrides: list[str] | None, run_name: s
         if saved.is_file():
             user.sft.from_ = read_toml(saved).get("sft", {}).get("from", "")
     base = load_base(user.sft.from_)
+    if not preset:  # the base run's own [sft], [run] and [eval] settings (its preset's), then --set
+        named_by = user.run.name if named else None
+        user = with_overrides(copy.deepcopy(base.config), overrides, named_by or base.config.run.name)
     user.sft.from_ = str(base.path)  # the file, not the run directory: the config says what it started from
     if not named:
         user.run.name = f"{base.config.run.name}-sft"
@@ -247,6 +251,16 @@ def _data_line(data: SFTData, train: list[Example], truncated: int, max_len: int
     return line
 
 
+def truncation_warning(truncated: int, total: int, max_len: int, cfg: Config) -> str:
+    """More than a fifth of the conversations cut short: the model learns replies without their ends."""
+    longer = ("raise sft.seq_len (up to the model's window of "
+              f"{cfg.model.max_seq_len})" if max_len < cfg.model.max_seq_len else
+              f"pretrain a model with a longer window (model.max_seq_len, now {cfg.model.max_seq_len})")
+    return (f"warning: {truncated:,} of {total:,} training conversations ({100 * truncated / total:.0f}%) are "
+            f"longer than the {max_len}-token context and lose the end of their reply; {longer}, or "
+            f"train on shorter conversations")
+
+
 def run_sft(cfg: Config, base: Base, console: Console, overwrite: bool = False, resume: bool | str = False,
             resume_command: str | None = None) -> dict[str, Any]:
     """Fine-tune `base` on cfg.sft.datasets, or with `resume` continue the run's newest SFT
@@ -279,6 +293,8 @@ def _sft(cfg: Config, base: Base, console: Console, run_dir: Path, overwrite: bo
     train = encode_examples(data.train, template, tokenizer, max_len)
     validation = encode_examples(data.validation, template, tokenizer, max_len)
     truncated = sum(e.truncated for e in train)
+    if truncated * 5 > len(train):
+        say(truncation_warning(truncated, len(train), max_len, cfg))
     meta = {"sources": data.sources,
             "tokens": {"train": sum(len(e.input_ids) for e in train),
                        "validation": sum(len(e.input_ids) for e in validation)},
@@ -405,3 +421,13 @@ def render_inspection(info: dict[str, Any], console: Console) -> None:
                       repr(t["target_text"]) if t["target_text"] is not None else "",
                       "yes" if t["loss"] else "-", style=None if t["loss"] else "dim")
     console.print(table)
+
+
+def next_commands(run_dir: str) -> list[tuple[str, str]]:
+    """(command, what it does) to print when an SFT run finishes."""
+    run = shlex.quote(run_dir)
+    return [(f"llmctl generate --checkpoint {run} --prompt 'Good morrow, my lord.' --temperature 0",
+             "its answer (the prompt is formatted with the chat template)"),
+            (f"llmctl eval --checkpoint {run}", "loss on held-out replies"),
+            (f"llmctl export --checkpoint {run} --format hf exported/{shlex.quote(Path(run_dir).name)}",
+             "a folder that transformers loads")]

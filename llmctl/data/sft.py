@@ -151,7 +151,7 @@ SFT_REGISTERED: dict[str, tuple[str, str | None]] = {
     "yahma/alpaca-cleaned": ("yahma/alpaca-cleaned", None),  # 52k, Alpaca with fixes
     "databricks/databricks-dolly-15k": ("databricks/databricks-dolly-15k", None),  # 15k human-written
 }
-_SFT_FORMS = (f"a registered set ({', '.join(SFT_REGISTERED)}), hf:ORG/NAME[/CONFIG], "
+_SFT_FORMS = (f"shakespeare-dialogue (shipped), a registered set ({', '.join(SFT_REGISTERED)}), hf:ORG/NAME[/CONFIG], "
               f"json:GLOB, jsonl:GLOB or parquet:GLOB, with :N to cap at N records")
 
 
@@ -159,11 +159,17 @@ def parse_sft_spec(raw: str):
     """An `sft.datasets` entry -> `llmctl.data.sources.SourceSpec` (kind hub, json, jsonl or parquet)."""
     import dataclasses
 
-    from llmctl.data.sources import REGISTERED, parse_spec
+    from llmctl.data import shakespeare
+    from llmctl.data.sources import REGISTERED, SourceSpec, parse_spec
 
     spec_text = raw.strip()
     head, sep, tail = spec_text.rpartition(":")
     name = head if sep and re.fullmatch(r"[-+]?\d+", tail) else spec_text
+    if name == shakespeare.DIALOGUE_NAME:
+        cap = int(tail) if name != spec_text else None
+        if cap is not None and cap < 1:
+            raise ConfigError(f"sft.datasets '{raw}': the cap :{tail} must be a positive number of records")
+        return SourceSpec(raw, "shipped", name, cap)
     if name in SFT_REGISTERED:
         return dataclasses.replace(parse_spec(f"hf:{spec_text}"), raw=raw)
     try:
@@ -176,7 +182,7 @@ def parse_sft_spec(raw: str):
         raise ConfigError(f"sft.datasets '{raw}': text: files have no instruction/response structure; "
                           f"use jsonl:, json: or parquet: records (alpaca, prompt/response, chat or "
                           f"'### Human: ... ### Assistant: ...' text)")
-    if spec.kind == "hub" and spec.target in REGISTERED:
+    if spec.kind == "shipped" or (spec.kind == "hub" and spec.target in REGISTERED):
         raise ConfigError(f"sft.datasets '{raw}' is a pretraining corpus, not instruction data; "
                           f"use {_SFT_FORMS}")
     if spec.field is not None:
@@ -191,7 +197,7 @@ def check_sft_sources(specs: list[str]) -> list:
 
     parsed = [parse_sft_spec(s) for s in specs]
     for spec in parsed:
-        if spec.kind != "hub":
+        if spec.kind not in ("hub", "shipped"):
             local_files(spec)
     return parsed
 
@@ -200,10 +206,13 @@ def iter_records(spec, split: str = "train") -> Iterator[tuple[str, Any]] | None
     """(where, record) of a source's split; None when it has no such split (local files
     have only "train")."""
     if spec.kind != "hub":
+        from llmctl.data import shakespeare
         from llmctl.data.sources import local_files
 
         if split != "train":
             return None
+        if spec.kind == "shipped":
+            return shakespeare.dialogue_records()
         return ((where, record) for f in local_files(spec) for where, record in read_records(f, spec.kind))
     return _hub_records(spec, split)
 

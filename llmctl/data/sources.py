@@ -2,6 +2,7 @@
 
 A spec names one source:
 
+    shakespeare                                   the corpus shipped with llmctl (no network)
     wikitext-2-raw-v1, wikitext-103-raw-v1,      registered Hub corpora
     roneneldan/TinyStories, openwebtext, wikipedia
     hf:ORG/NAME[/CONFIG][#FIELD]                  any Hub dataset (text field FIELD, default text)
@@ -26,6 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmctl.data import shakespeare
 from llmctl.data.hub import hub_offline, require_hub
 from llmctl.data.readers import READERS, check_jsonl, check_parquet, read_text
 from llmctl.errors import ConfigError, LlmctlError
@@ -50,13 +52,14 @@ REGISTERED: dict[str, HubDataset] = {
 
 LOCAL_KINDS = ("text", "jsonl", "json", "parquet")
 _FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
-_FORMS = "a registered name ({}), hf:ORG/NAME[/CONFIG], text:GLOB, jsonl:GLOB, json:GLOB or parquet:GLOB"
+_FORMS = ("shakespeare (shipped), a registered name ({}), hf:ORG/NAME[/CONFIG], text:GLOB, jsonl:GLOB, "
+          "json:GLOB or parquet:GLOB")
 
 
 @dataclass(frozen=True)
 class SourceSpec:
     raw: str  # as the user wrote it
-    kind: str  # "hub" | "text" | "jsonl" | "json" | "parquet"
+    kind: str  # "shipped" | "hub" | "text" | "jsonl" | "json" | "parquet"
     target: str  # registered name, hf path, or glob
     cap: int | None  # at most this many documents
     field: str | None = None  # the text field of jsonl/json/parquet/hf records; None = "text"
@@ -98,6 +101,13 @@ def parse_spec(raw: str) -> SourceSpec:
         if not rest or rest.count("/") > 2:
             raise ConfigError(f"data spec '{raw}' names no dataset; write hf:ORG/NAME or hf:ORG/NAME/CONFIG")
         return SourceSpec(raw, "hub", rest, cap, field)
+    if spec in shakespeare.NAMES:
+        if field is not None:
+            raise ConfigError(f"data spec '{raw}': the shipped corpus has no fields; drop '#{field}'")
+        if spec == shakespeare.DIALOGUE_NAME:
+            raise ConfigError(f"data spec '{raw}' is SFT data (speech and reply pairs); pretrain on "
+                              f"'{shakespeare.PRETRAIN_NAME}' and use '{spec}' in sft.datasets")
+        return SourceSpec(raw, "shipped", spec, cap)
     if spec in REGISTERED:
         if field is not None:
             raise ConfigError(f"data spec '{raw}': registered corpora have a fixed text field; "
@@ -105,7 +115,7 @@ def parse_spec(raw: str) -> SourceSpec:
         return SourceSpec(raw, "hub", spec, cap)
     import difflib
 
-    hint = difflib.get_close_matches(spec, list(REGISTERED), n=1)
+    hint = difflib.get_close_matches(spec, [shakespeare.PRETRAIN_NAME, *REGISTERED], n=1)
     dym = f" (did you mean '{hint[0]}'?)" if hint else ""
     raise ConfigError(f"unknown data source '{raw}'{dym}; use {_forms()}, with #FIELD to name the "
                       f"text field and :N to cap at N documents")
@@ -117,6 +127,9 @@ def check_sources(specs: list[str]) -> list[SourceSpec]:
     parsed = [parse_spec(s) for s in specs]
     for spec in parsed:
         if spec.kind == "hub":
+            continue
+        if spec.kind == "shipped":
+            shakespeare.play_files()  # a broken install says so now, not after the tokenizer
             continue
         for f in local_files(spec):
             if spec.kind == "jsonl":
@@ -156,11 +169,15 @@ def fingerprint_inputs(spec: SourceSpec) -> list[str]:
     """What the cached tokens depend on, besides the spec itself: local file identities."""
     if spec.kind == "hub":
         return []
+    if spec.kind == "shipped":  # content, not paths: the same corpus in any install shares a cache
+        return [f"shipped:{shakespeare.fingerprint()}"]
     return [f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in local_files(spec)]
 
 
 def input_bytes(spec: SourceSpec) -> int | None:
     """Total size of a local source's files (for progress and ETA); None for the Hub."""
+    if spec.kind == "shipped":
+        return shakespeare.text_bytes()
     return None if spec.kind == "hub" else sum(f.stat().st_size for f in local_files(spec))
 
 
@@ -210,6 +227,8 @@ def iter_documents(spec: SourceSpec, split: str = "train") -> Iterator[str]:
         docs: Iterator[str] = found if found is not None else iter(())
     elif split != "train":
         return iter(())
+    elif spec.kind == "shipped":
+        docs = shakespeare.scene_documents()
     elif spec.kind == "text":
         docs = (d for f in local_files(spec) for d in read_text(f))
     else:
