@@ -447,7 +447,7 @@ def plot(
 ) -> None:
     """Draw training and validation loss against steps and tokens into a PNG; several runs are overlaid.
 
-    Needs matplotlib: pip install "llmctl[plot]". Example: llmctl plot experiments/runs/a experiments/runs/b -o ab.png
+    Needs matplotlib: pip install "llmctl\\[plot]". Example: llmctl plot experiments/runs/a experiments/runs/b -o ab.png
     """
     with user_errors():
         from llmctl.plot import plot_runs

@@ -6,6 +6,7 @@ The commands are read from the app, so a command added later is checked too.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -68,3 +69,31 @@ def test_shell_completion_script_and_completions(tmp_path):
 
     assert "export" in complete("llmctl ex")
     assert complete("llmctl export --format ") == ["hf", "safetensors"]
+
+
+def rendered_help(path: tuple[str, ...]) -> str:
+    """--help as a user sees it, wide enough that Rich wraps nothing, whitespace collapsed."""
+    result = CliRunner().invoke(app, [*path, "--help"], env={"COLUMNS": "400", "NO_COLOR": "1"})
+    assert result.exit_code == 0, result.output
+    return " ".join(result.stdout.split())
+
+
+def command_at(path: tuple[str, ...]):
+    command = typer.main.get_command(app)
+    for name in path:
+        command = command.commands[name]
+    return command
+
+
+@pytest.mark.parametrize("path", COMMANDS, ids=lambda p: " ".join(p) or "llmctl")
+def test_bracketed_help_text_is_shown_verbatim(path):
+    """Typer renders help as Rich markup, where `[plot]` is a style tag and vanishes unless escaped."""
+    command = command_at(path)
+    texts = [command.help or ""] + [getattr(p, "help", None) or "" for p in command.params]
+    wanted = [" ".join(m.split()) for text in texts for m in re.findall(r"\[[^\]]*\]", text.replace("\\[", "["))]
+    shown = rendered_help(path)
+    assert [w for w in wanted if w not in shown] == []
+
+
+def test_plot_help_names_the_extra_to_install():
+    assert 'pip install "llmctl[plot]"' in rendered_help(("plot",))
