@@ -21,6 +21,7 @@ import typer
 import typer.core
 
 from llmctl import __version__
+from llmctl.config import available_presets
 from llmctl.errors import ConfigError, LlmctlError
 
 app = typer.Typer(
@@ -123,8 +124,9 @@ def resume_mode(value: str | None) -> bool | str:
 RESUME_HELP = ("--resume auto: continue if the run has a checkpoint of this stage, else start it "
                "(one command line for every restart of torchrun --max-restarts).")
 
+# Listed from the presets folder, so a preset file added there shows up without editing this.
 PresetOption = Annotated[str, typer.Option(
-    "--preset", "-p", help="Preset name (tiny, local, gpu) or path to a TOML file.")]
+    "--preset", "-p", help=f"Preset name ({', '.join(available_presets())}) or path to a TOML file.")]
 SetOption = Annotated[Optional[list[str]], typer.Option(
     "--set", "-s", metavar="SECTION.KEY=VALUE",
     help="Override one config key; VALUE is read as TOML, else as a string. Repeatable.")]

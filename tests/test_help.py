@@ -17,6 +17,9 @@ import typer
 from typer.testing import CliRunner
 
 from llmctl.cli import app
+from llmctl.config import available_presets
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def command_paths(group, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
@@ -97,3 +100,22 @@ def test_bracketed_help_text_is_shown_verbatim(path):
 
 def test_plot_help_names_the_extra_to_install():
     assert 'pip install "llmctl[plot]"' in rendered_help(("plot",))
+
+
+def test_preset_help_lists_every_preset_file():
+    names = available_presets()
+    assert "cpu-10m" in names
+    for path in [("pretrain",), ("pipeline",), ("sft",), ("data", "prepare")]:
+        assert f"Preset name ({', '.join(names)}) or path to a TOML file" in rendered_help(path)
+
+
+def test_a_preset_file_added_to_the_folder_shows_in_help(tmp_path):
+    """A copy of the package with one more preset file: its help names it, with no code change."""
+    shutil.copytree(REPO / "llmctl", tmp_path / "llmctl", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "presets", tmp_path / "presets")
+    shutil.copy(REPO / "presets" / "tiny.toml", tmp_path / "presets" / "zz-new.toml")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path), COLUMNS="400", NO_COLOR="1")
+    result = subprocess.run([sys.executable, "-m", "llmctl", "pretrain", "--help"], capture_output=True, text=True,
+                            cwd=tmp_path, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert f"Preset name ({', '.join([*available_presets(), 'zz-new'])})" in " ".join(result.stdout.split())
