@@ -24,7 +24,35 @@ from llmctl import __version__
 from llmctl.config import available_presets
 from llmctl.errors import ConfigError, LlmctlError
 
-app = typer.Typer(
+def _bare_flags(params: list) -> list:
+    """Typer 0.29's help shows every option's type, `<bool>` after a flag too, as if it took a
+    value; a flag's metavar replaces that text, and "" leaves nothing (flags never print it elsewhere)."""
+    for param in params:
+        if isinstance(param, typer.core.TyperOption) and (param.is_flag or param.count):
+            param.metavar = ""
+    return params
+
+
+class LlmctlCommand(typer.core.TyperCommand):
+    def get_params(self, ctx) -> list:
+        return _bare_flags(super().get_params(ctx))
+
+
+class LlmctlGroup(typer.core.TyperGroup):
+    def get_params(self, ctx) -> list:
+        return _bare_flags(super().get_params(ctx))
+
+
+class LlmctlTyper(typer.Typer):
+    """A Typer whose commands are LlmctlCommands unless one names its own class, so a command
+    added later gets bare flags without remembering to ask."""
+
+    def command(self, *args, cls=None, **kwargs):
+        return super().command(*args, cls=cls or LlmctlCommand, **kwargs)
+
+
+app = LlmctlTyper(
+    cls=LlmctlGroup,
     name="llmctl",
     help="Train small language models from scratch on your own hardware: data -> pretrain -> eval -> sft "
          "-> generate -> export.\n\n"
@@ -90,7 +118,7 @@ def main_callback(
     """Train small language models from scratch: data -> pretrain -> eval -> sft -> generate."""
 
 
-class ResumeCommand(typer.core.TyperCommand):
+class ResumeCommand(LlmctlCommand):
     """A command whose `--resume` takes an optional value: `--resume` alone, or `--resume auto`.
 
     Click has such options (is_flag=False, flag_value=...), but Typer deprecated those two
@@ -528,8 +556,8 @@ def pipeline(
         render_summary(summary, wide_console())
 
 
-data_app = typer.Typer(
-    name="data", no_args_is_help=True,
+data_app = LlmctlTyper(
+    cls=LlmctlGroup, name="data", no_args_is_help=True,
     help="Prepare and inspect token stores: read the sources, tokenize, pack into shards, cache.\n\n"
          "Example: llmctl data prepare --preset tiny, then llmctl data info --preset tiny")
 app.add_typer(data_app, name="data")

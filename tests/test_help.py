@@ -119,3 +119,17 @@ def test_a_preset_file_added_to_the_folder_shows_in_help(tmp_path):
                             cwd=tmp_path, env=env, timeout=60)
     assert result.returncode == 0, result.stderr
     assert f"Preset name ({', '.join([*available_presets(), 'zz-new'])})" in " ".join(result.stdout.split())
+
+
+FLAGS = {("pretrain",): ["--dry-run", "--overwrite"], ("eval",): ["--json"], ("generate",): ["--no-cache", "--raw"],
+         ("export",): ["--force", "--json"], ("data", "info"): ["--verify", "--json"], (): ["--version"]}
+
+
+@pytest.mark.parametrize("path", COMMANDS, ids=lambda p: " ".join(p) or "llmctl")
+def test_flags_show_no_value_placeholder(path):
+    shown = rendered_help(path)
+    assert "<bool>" not in shown
+    for flag in FLAGS.get(path, []) + ["--help"]:
+        assert re.search(rf"{flag} (-\w )?[A-Z]", shown), f"{flag} is followed by something other than its help"
+    if path == ("pretrain",):  # options that take a value still show what it is
+        assert "--run-name -n <str>" in shown and "--resume [auto]" in shown
