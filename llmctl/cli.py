@@ -306,22 +306,26 @@ def eval_command(
 
             typer.echo(json.dumps(result))
             return
-        from rich.console import Console
         from rich.table import Table
+        from rich.text import Text
 
-        table = Table(title=f"{result['path'] or result['checkpoint']}  (context {result['context']}, "
-                            f"stride {result['stride']}, {result['dtype']})")
+        from llmctl.data.report import print_whole
+
+        # Text, not markup: a path such as data[1].txt must not lose its brackets.
+        table = Table(title=Text(f"{result['path'] or result['checkpoint']}  (context {result['context']}, "
+                                 f"stride {result['stride']}, {result['dtype']})"))
         mixed = any("mixture" in row for row in result["datasets"].values())
         for column in ("data", *(("scored by",) if mixed else ()), "loss", "perplexity", "bits/byte",
                        "tokens", "bytes", "seconds"):
-            table.add_column(column, justify="left" if column in ("data", "scored by") else "right")
+            table.add_column(column, justify="left" if column in ("data", "scored by") else "right",
+                             overflow="fold" if column == "data" else "ellipsis")  # a path folds, never cut
         for name, row in result["datasets"].items():
             scorers = [("network", row), *([("network + counts", row["mixture"])] if "mixture" in row else [])]
             for i, (scorer, score) in enumerate(scorers):
-                table.add_row(name if i == 0 else "", *((scorer,) if mixed else ()), f"{score['loss']:.4f}",
+                table.add_row(Text(name if i == 0 else ""), *((scorer,) if mixed else ()), f"{score['loss']:.4f}",
                               f"{score['perplexity']:.2f}", f"{score['bits_per_byte']:.4f}",
                               f"{row['tokens']:,}", f"{row['bytes']:,}", f"{row['seconds']:.1f}" if i == 0 else "")
-        Console().print(table)
+        print_whole(table)
 
 
 @app.command()
