@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from llmctl.atomic import write_text_atomic
-from llmctl.errors import LlmctlError
+from llmctl.errors import ConfigError
 
 STATUS_FILE = "status.json"
 STATES = ("running", "finished", "interrupted", "failed")
@@ -264,7 +264,7 @@ def list_runs(root: str | Path = "experiments/runs") -> list[dict[str, Any]]:
     root = Path(root).expanduser()
     if not root.is_dir():
         what = "is not a folder" if root.exists() else "does not exist"
-        raise LlmctlError(f"{root} {what}; pass the folder that holds your runs (run.output_dir, "
+        raise ConfigError(f"{root} {what}; pass the folder that holds your runs (run.output_dir, "
                           f"default experiments/runs)")
     dirs = [root] if is_run_dir(root) else sorted(p for p in root.iterdir() if is_run_dir(p))
     rows = [summarize_run(d) for d in dirs]

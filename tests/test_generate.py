@@ -330,6 +330,6 @@ def test_cli_generate_bad_options_are_one_line(random_checkpoint, tmp_path, cli_
     base = ["generate"] + ([] if "-c" in args else ["-c", str(random_checkpoint)])
     base += [] if "--prompt" in args else ["--prompt", "Hi"]
     result = llmctl_cli(*base, *args, cwd=tmp_path, env=cli_env)
-    assert result.returncode == (1 if "-c" in args else 2) and result.stdout == ""
+    assert result.returncode == 2 and result.stdout == ""
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
