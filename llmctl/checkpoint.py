@@ -124,6 +124,11 @@ def resolve_checkpoint(path_or_dir: str | Path) -> Path:
         steps = step_checkpoints(p)
         if steps:
             return steps[-1][1]
+        from llmctl.runs import training_in_progress
+
+        training = training_in_progress(p)
+        if training:
+            raise ConfigError(f"{p} holds no checkpoint yet: {training}")
         raise ConfigError(f"{p} holds no llmctl checkpoint (*_final.pt or *_step<N>.pt); pass a .pt file, or "
                           f"a run directory that has saved one")
     raise ConfigError(f"checkpoint not found: {p}; pass a .pt file or a run directory")
