@@ -334,7 +334,9 @@ def generate(
     prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Text to continue.")] = None,
     prompt_file: Annotated[Optional[Path], typer.Option(
         "--prompt-file", "-f", help="Read the prompt from this UTF-8 file instead.")] = None,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-m", help="Stop after N new tokens.")] = 256,
+    max_new_tokens: Annotated[int, typer.Option(
+        "--max-new-tokens", "-m", help="Stop after N new tokens. Past the model's context (model.max_seq_len) "
+                                       "the window slides: each new token sees the last max_seq_len tokens.")] = 256,
     temperature: Annotated[float, typer.Option(
         "--temperature", "-t", help="Sampling temperature; 0 = greedy (always the most likely token).")] = 0.8,
     top_k: Annotated[int, typer.Option("--top-k", help="Sample from the K most likely tokens; 0 = off.")] = 0,
@@ -398,8 +400,11 @@ def generate(
         first = results[0]
         cut = f" (the last {first.prompt_used} fit the context)" if first.prompt_used < first.prompt_tokens else ""
         cut += " through the chat template" if first.templated else ""
+        # Allowed (the window slides), but said: text past the window no longer sees the start.
+        slid = (f", past the {first.context}-token context the window slid (each token saw the last "
+                f"{first.context})" if any(r.slid for r in results) else "")
         sys.stderr.write(f"generate: {samples}{tokens} tokens in {seconds:.2f}s ({tokens / max(seconds, 1e-9):,.1f} "
-                         f"tokens/s), prompt {first.prompt_tokens} tokens{cut}, finished: {finished}, "
+                         f"tokens/s), prompt {first.prompt_tokens} tokens{cut}{slid}, finished: {finished}, "
                          f"seed {first.seed}\n")
 
 
