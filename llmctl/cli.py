@@ -478,6 +478,7 @@ def runs(
         wide_console().print(runs_table(rows, title=str(directory)))
 
 
+# Help is Rich markup: an escaped bracket (\\[ in the docstring) keeps "[plot]" from being read as a tag and dropped.
 @app.command()
 def plot(
     run_dirs: Annotated[list[str], typer.Argument(
