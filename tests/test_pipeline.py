@@ -105,7 +105,8 @@ def test_second_run_skips_every_finished_stage(first, work):
     assert table.exit_code == 0 and "pipeline p" in table.stdout and "skipped" in table.stdout
     # The table's eval rows show both models' scores, its samples rows both samples' starts.
     stages = json.loads(again.stdout)["stages"]
-    cells = [[c.strip() for c in line.split("│")[1:-1]] for line in table.stdout.splitlines() if line.startswith("│")]
+    lines = [line for line in table.stdout.splitlines() if line.startswith("│")]
+    cells = [[c.strip() for c in line.split("│")[1:-1]] for line in lines]
     at = next(i for i, row in enumerate(cells) if row[0] == "eval")
     for row, model in zip(cells[at: at + 2], ("pretrain", "sft")):
         score = stages["eval"][model]
