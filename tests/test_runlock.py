@@ -166,7 +166,8 @@ def test_reading_a_run_before_its_first_checkpoint_says_it_is_still_training(fol
                           "--set", "pretrain.save_every=30000", "--set", "pretrain.eval_every=50000")
     run_dir = folder / "experiments" / "runs" / "early"
     proc = start(args, folder, env)
-    readers = [["eval", "-c", str(run_dir)], ["sft", "--from", str(run_dir), "--preset", "tiny", "--set", "run.device=cpu"]]
+    readers = [["eval", "-c", str(run_dir)],
+               ["sft", "--from", str(run_dir), "--preset", "tiny", "--set", "run.device=cpu"]]
     try:
         wait_for(lambda: (read_status(run_dir) or {}).get("state") == "running" and len(read_metrics(run_dir)[0]) >= 3,
                  "its first logged steps", proc)
