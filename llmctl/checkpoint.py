@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from llmctl.atomic import atomic_write
-from llmctl.errors import LlmctlError
+from llmctl.errors import ConfigError, LlmctlError
 from llmctl.runtime import partial_file
 
 FORMAT_VERSION = 1
@@ -55,10 +55,10 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     """Load and check an llmctl checkpoint with weights_only=True; every failure is one LlmctlError line."""
     path = Path(path)
     if path.is_dir():
-        raise LlmctlError(f"{path} is a folder, not a checkpoint file; pass a .pt file (or the run "
+        raise ConfigError(f"{path} is a folder, not a checkpoint file; pass a .pt file (or the run "
                           f"directory where a command accepts one)")
     if not path.is_file():
-        raise LlmctlError(f"checkpoint not found: {path}")
+        raise ConfigError(f"checkpoint not found: {path}")
     if path.stat().st_size == 0:
         raise LlmctlError(f"{path} is empty (0 bytes), not a checkpoint")
     with open(path, "rb") as f:
@@ -124,8 +124,14 @@ def resolve_checkpoint(path_or_dir: str | Path) -> Path:
         steps = step_checkpoints(p)
         if steps:
             return steps[-1][1]
-        raise LlmctlError(f"{p} holds no llmctl checkpoint (*_final.pt or *_step<N>.pt)")
-    raise LlmctlError(f"checkpoint not found: {p}; pass a .pt file or a run directory")
+        from llmctl.runs import training_in_progress
+
+        training = training_in_progress(p)
+        if training:
+            raise ConfigError(f"{p} holds no checkpoint yet: {training}")
+        raise ConfigError(f"{p} holds no llmctl checkpoint (*_final.pt or *_step<N>.pt); pass a .pt file, or "
+                          f"a run directory that has saved one")
+    raise ConfigError(f"checkpoint not found: {p}; pass a .pt file or a run directory")
 
 
 def remove_partial_files(run_dir: Path) -> None:

@@ -21,9 +21,38 @@ import typer
 import typer.core
 
 from llmctl import __version__
+from llmctl.config import available_presets
 from llmctl.errors import ConfigError, LlmctlError
 
-app = typer.Typer(
+def _bare_flags(params: list) -> list:
+    """Typer 0.29's help shows every option's type, `<bool>` after a flag too, as if it took a
+    value; a flag's metavar replaces that text, and "" leaves nothing (flags never print it elsewhere)."""
+    for param in params:
+        if isinstance(param, typer.core.TyperOption) and (param.is_flag or param.count):
+            param.metavar = ""
+    return params
+
+
+class LlmctlCommand(typer.core.TyperCommand):
+    def get_params(self, ctx) -> list:
+        return _bare_flags(super().get_params(ctx))
+
+
+class LlmctlGroup(typer.core.TyperGroup):
+    def get_params(self, ctx) -> list:
+        return _bare_flags(super().get_params(ctx))
+
+
+class LlmctlTyper(typer.Typer):
+    """A Typer whose commands are LlmctlCommands unless one names its own class, so a command
+    added later gets bare flags without remembering to ask."""
+
+    def command(self, *args, cls=None, **kwargs):
+        return super().command(*args, cls=cls or LlmctlCommand, **kwargs)
+
+
+app = LlmctlTyper(
+    cls=LlmctlGroup,
     name="llmctl",
     help="Train small language models from scratch on your own hardware: data -> pretrain -> eval -> sft "
          "-> generate -> export.\n\n"
@@ -89,7 +118,7 @@ def main_callback(
     """Train small language models from scratch: data -> pretrain -> eval -> sft -> generate."""
 
 
-class ResumeCommand(typer.core.TyperCommand):
+class ResumeCommand(LlmctlCommand):
     """A command whose `--resume` takes an optional value: `--resume` alone, or `--resume auto`.
 
     Click has such options (is_flag=False, flag_value=...), but Typer deprecated those two
@@ -123,8 +152,9 @@ def resume_mode(value: str | None) -> bool | str:
 RESUME_HELP = ("--resume auto: continue if the run has a checkpoint of this stage, else start it "
                "(one command line for every restart of torchrun --max-restarts).")
 
+# Listed from the presets folder, so a preset file added there shows up without editing this.
 PresetOption = Annotated[str, typer.Option(
-    "--preset", "-p", help="Preset name (tiny, local, gpu) or path to a TOML file.")]
+    "--preset", "-p", help=f"Preset name ({', '.join(available_presets())}) or path to a TOML file.")]
 SetOption = Annotated[Optional[list[str]], typer.Option(
     "--set", "-s", metavar="SECTION.KEY=VALUE",
     help="Override one config key; VALUE is read as TOML, else as a string. Repeatable.")]
@@ -287,22 +317,26 @@ def eval_command(
 
             typer.echo(json.dumps(result))
             return
-        from rich.console import Console
         from rich.table import Table
+        from rich.text import Text
 
-        table = Table(title=f"{result['path'] or result['checkpoint']}  (context {result['context']}, "
-                            f"stride {result['stride']}, {result['dtype']})")
+        from llmctl.data.report import print_whole
+
+        # Text, not markup: a path such as data[1].txt must not lose its brackets.
+        table = Table(title=Text(f"{result['path'] or result['checkpoint']}  (context {result['context']}, "
+                                 f"stride {result['stride']}, {result['dtype']})"))
         mixed = any("mixture" in row for row in result["datasets"].values())
         for column in ("data", *(("scored by",) if mixed else ()), "loss", "perplexity", "bits/byte",
                        "tokens", "bytes", "seconds"):
-            table.add_column(column, justify="left" if column in ("data", "scored by") else "right")
+            table.add_column(column, justify="left" if column in ("data", "scored by") else "right",
+                             overflow="fold" if column == "data" else "ellipsis")  # a path folds, never cut
         for name, row in result["datasets"].items():
             scorers = [("network", row), *([("network + counts", row["mixture"])] if "mixture" in row else [])]
             for i, (scorer, score) in enumerate(scorers):
-                table.add_row(name if i == 0 else "", *((scorer,) if mixed else ()), f"{score['loss']:.4f}",
+                table.add_row(Text(name if i == 0 else ""), *((scorer,) if mixed else ()), f"{score['loss']:.4f}",
                               f"{score['perplexity']:.2f}", f"{score['bits_per_byte']:.4f}",
                               f"{row['tokens']:,}", f"{row['bytes']:,}", f"{row['seconds']:.1f}" if i == 0 else "")
-        Console().print(table)
+        print_whole(table)
 
 
 @app.command()
@@ -311,7 +345,9 @@ def generate(
     prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Text to continue.")] = None,
     prompt_file: Annotated[Optional[Path], typer.Option(
         "--prompt-file", "-f", help="Read the prompt from this UTF-8 file instead.")] = None,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-m", help="Stop after N new tokens.")] = 256,
+    max_new_tokens: Annotated[int, typer.Option(
+        "--max-new-tokens", "-m", help="Stop after N new tokens. Past the model's context (model.max_seq_len) "
+                                       "the window slides: each new token sees the last max_seq_len tokens.")] = 256,
     temperature: Annotated[float, typer.Option(
         "--temperature", "-t", help="Sampling temperature; 0 = greedy (always the most likely token).")] = 0.8,
     top_k: Annotated[int, typer.Option("--top-k", help="Sample from the K most likely tokens; 0 = off.")] = 0,
@@ -375,8 +411,11 @@ def generate(
         first = results[0]
         cut = f" (the last {first.prompt_used} fit the context)" if first.prompt_used < first.prompt_tokens else ""
         cut += " through the chat template" if first.templated else ""
+        # Allowed (the window slides), but said: text past the window no longer sees the start.
+        slid = (f", past the {first.context}-token context the window slid (each token saw the last "
+                f"{first.context})" if any(r.slid for r in results) else "")
         sys.stderr.write(f"generate: {samples}{tokens} tokens in {seconds:.2f}s ({tokens / max(seconds, 1e-9):,.1f} "
-                         f"tokens/s), prompt {first.prompt_tokens} tokens{cut}, finished: {finished}, "
+                         f"tokens/s), prompt {first.prompt_tokens} tokens{cut}{slid}, finished: {finished}, "
                          f"seed {first.seed}\n")
 
 
@@ -450,6 +489,7 @@ def runs(
         wide_console().print(runs_table(rows, title=str(directory)))
 
 
+# Help is Rich markup: an escaped bracket (\\[ in the docstring) keeps "[plot]" from being read as a tag and dropped.
 @app.command()
 def plot(
     run_dirs: Annotated[list[str], typer.Argument(
@@ -458,7 +498,7 @@ def plot(
 ) -> None:
     """Draw training and validation loss against steps and tokens into a PNG; several runs are overlaid.
 
-    Needs matplotlib: pip install "llmctl[plot]". Example: llmctl plot experiments/runs/a experiments/runs/b -o ab.png
+    Needs matplotlib: pip install "llmctl\\[plot]". Example: llmctl plot experiments/runs/a experiments/runs/b -o ab.png
     """
     with user_errors():
         from llmctl.plot import plot_runs
@@ -540,8 +580,8 @@ def pipeline(
         render_summary(summary, wide_console())
 
 
-data_app = typer.Typer(
-    name="data", no_args_is_help=True,
+data_app = LlmctlTyper(
+    cls=LlmctlGroup, name="data", no_args_is_help=True,
     help="Prepare and inspect token stores: read the sources, tokenize, pack into shards, cache.\n\n"
          "Example: llmctl data prepare --preset tiny, then llmctl data info --preset tiny")
 app.add_typer(data_app, name="data")

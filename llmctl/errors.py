@@ -1,7 +1,8 @@
 """The exceptions a user sees as one line on stderr.
 
-`ConfigError` covers usage and configuration mistakes (exit code 2);
-`LlmctlError` covers everything that goes wrong at run time (exit code 1).
+`ConfigError` covers usage and configuration mistakes (exit code 2), a path that names
+nothing (a missing checkpoint, run or file) among them; `LlmctlError` covers everything
+that goes wrong at run time (exit code 1), such as a file that is there but damaged.
 Messages name the key, path or value at fault and say what to do instead.
 """
 

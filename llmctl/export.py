@@ -431,7 +431,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, fmt: str = "h
     check_out_dir(out, force)
     source = Path(str(checkpoint)).expanduser()
     if not source.exists():
-        raise LlmctlError(f"checkpoint not found: {checkpoint}; pass an llmctl .pt file or a run directory")
+        raise ConfigError(f"checkpoint not found: {checkpoint}; pass an llmctl .pt file or a run directory")
     if source.is_dir() and (source / "config.json").is_file() and not any(source.glob("*.pt")):
         raise ConfigError(f"{checkpoint} is a transformers folder already; export takes an llmctl checkpoint "
                           f"(a .pt file or a run directory)")

@@ -269,6 +269,13 @@ class Completion:
     token_ids: list[int] = field(default_factory=list)
     prompt_used: int = 0  # prompt tokens the model saw: the last context_length of them
     templated: bool = False  # the prompt went through an SFT checkpoint's chat template
+    context: int = 0  # the model's window (max_seq_len): the most tokens one prediction sees
+
+    @property
+    def slid(self) -> bool:
+        """Whether a new token was predicted from more text than the window holds: the window
+        then slid (see `token_stream`), and that token saw only the last `context` tokens."""
+        return 0 < self.context < self.prompt_used + self.tokens - 1
 
     @property
     def tokens_per_second(self) -> float:
@@ -367,7 +374,7 @@ def complete(checkpoint_or_model: Any, prompt: str, *, on_text: Callable[[str], 
         emit(stops.finish())
     seconds = time.perf_counter() - start
     return Completion("".join(parts), len(new_ids), len(prompt_ids), seconds, finish, seed, new_ids,
-                      min(len(prompt_ids), loaded.context_length), template is not None)
+                      min(len(prompt_ids), loaded.context_length), template is not None, loaded.context_length)
 
 
 def generate_text(checkpoint_or_model: Any, prompt: str, **sampling: Any) -> str:

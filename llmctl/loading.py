@@ -72,7 +72,7 @@ def load_model(source: str | Path, device: str = "auto", dtype: str = "float32")
         return _load_llmctl(text, resolve_checkpoint(path), dev, precision)
     if _looks_like_hub_id(text):
         return _load_transformers(text, text, dev, precision)
-    raise LlmctlError(f"checkpoint not found: {text}; pass an llmctl .pt file, a run directory, "
+    raise ConfigError(f"checkpoint not found: {text}; pass an llmctl .pt file, a run directory, "
                       f"or a transformers model folder or Hub id")
 
 
@@ -130,7 +130,7 @@ def _load_transformers(source: str, name: str, device: torch.device, dtype: torc
 
     local = Path(name).expanduser().is_dir()
     if not local and not (hub_offline() or hub_reachable()):
-        raise LlmctlError(f"checkpoint not found: {source} is no local file or folder, and the Hugging "
+        raise ConfigError(f"checkpoint not found: {source} is no local file or folder, and the Hugging "
                           f"Face Hub cannot be reached to fetch it as a model id (set HF_HUB_OFFLINE=1 "
                           f"to use a populated Hugging Face cache)")
     from transformers import AutoModelForCausalLM

@@ -198,7 +198,7 @@ def make_samples(pretrain_path: Path, sft_path: Path, cfg: Config) -> dict[str, 
 
 def run_pipeline(cfg: Config, console: Console, overrides: list[str] | None = None,
                  command: str | None = None) -> dict[str, Any]:
-    """Run every stage that is not complete; returns the summary (`summary_rows` renders it)."""
+    """Run every stage that is not complete; returns the summary (`render_summary` shows it)."""
     check_sources(cfg.data.datasets)  # every spec and file checked before hours of pretraining
     check_sft_sources(cfg.sft.datasets)
     say = say_to(console)
@@ -291,36 +291,58 @@ def _pipeline(cfg: Config, console: Console, say: Callable[[str], None], run_dir
                                                if k in record["eval"][stage]},
                    "sample": record["samples"][stage]}
            for stage, p, path in (("pretrain", pre_payload, pre_final), ("sft", sft_payload, sft_final))},
-        "eval": {"status": status["eval"]},
-        "samples": {"status": status["samples"]},
+        # The eval and samples stages' own rows carry what they produced, for both models.
+        "eval": {"status": status["eval"], **{stage: record["eval"][stage] for stage in ("pretrain", "sft")}},
+        "samples": {"status": status["samples"], **{stage: record["samples"][stage] for stage in ("pretrain", "sft")}},
     }
     return {"run": name, "run_dir": str(run_dir), "sft_run_dir": str(sft_dir), "record": str(run_dir / RECORD),
             "stages": stages}
 
 
-def render_summary(summary: dict[str, Any], console: Console) -> None:
-    """One row per stage: status, steps, tokens, held-out loss / perplexity / bits per byte,
-    checkpoint, a sample."""
-    from rich.table import Table
+SAMPLE_CHARS = 80  # of a prompt or sample shown in the table; pipeline.json has them whole
 
-    table = Table(title=f"pipeline {summary['run']}")
-    for column in ("stage", "status", "steps", "tokens", "val loss", "ppl", "bits/byte", "checkpoint", "sample"):
-        table.add_column(column, justify="right" if column in ("steps", "tokens", "val loss", "ppl", "bits/byte")
-                         else "left", overflow="fold")
-    for stage in STAGES:
-        row = summary["stages"][stage]
-        num = lambda key, fmt: format(row[key], fmt) if row.get(key) is not None else ""  # noqa: E731
-        sample = row.get("sample")
-        shown = f"{sample['prompt']!r} -> {sample['text']!r}" if sample else ""
-        table.add_row(stage, row["status"], num("steps", ","), num("tokens", ","), num("loss", ".4f"),
-                      num("perplexity", ".2f"), num("bits_per_byte", ".4f"), row.get("checkpoint") or row.get("path")
-                      or "", shown[:160])
-        if "mixture" in row:  # the same checkpoint scored with its counted n-grams mixed in
-            mixed = row["mixture"]
-            table.add_row("  + counts", "", "", "", f"{mixed['loss']:.4f}", f"{mixed['perplexity']:.2f}",
-                          f"{mixed['bits_per_byte']:.4f}", "", "")
+
+def excerpt(text: str, chars: int = SAMPLE_CHARS) -> str:
+    """repr of the text's start (newlines visible), with … where it was cut."""
+    return repr(text[:chars]) + ("…" if len(text) > chars else "")
+
+
+def render_summary(summary: dict[str, Any], console: Console) -> None:
+    """One row per stage with what it produced: the token store, the checkpoints, then each
+    model's held-out loss / perplexity / bits per byte and a sample, one line per model."""
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=Text(f"pipeline {summary['run']}"))
+    numeric = ("steps", "tokens", "val loss", "ppl", "bits/byte")
+    for column in ("stage", "status", *numeric, "output"):
+        table.add_column(column, justify="right" if column in numeric else "left", overflow="fold")
+    stages = summary["stages"]
+
+    def add(stage: str, status: str, *cells: str) -> None:
+        table.add_row(stage, status, *cells[:-1], Text(cells[-1]))  # Text: paths and samples are not markup
+
+    def scores(score: dict[str, Any]) -> tuple[str, str, str]:
+        return f"{score['loss']:.4f}", f"{score['perplexity']:.2f}", f"{score['bits_per_byte']:.4f}"
+
+    data = stages["data"]
+    add("data", data["status"], "", format(data["tokens"], ",") if data.get("tokens") is not None else "",
+        "", "", "", data.get("path") or "")
+    for stage in ("pretrain", "sft"):
+        row = stages[stage]
+        add(stage, row["status"], format(row["steps"], ","), format(row["tokens"], ","), "", "", "", row["checkpoint"])
+    for i, model in enumerate(("pretrain", "sft")):
+        score = stages["eval"][model]
+        add("eval" if i == 0 else "", stages["eval"]["status"] if i == 0 else "", "", "", *scores(score),
+            f"{model}: {score['what']}")
+        if "mixture" in score:  # the same checkpoint scored with its counted n-grams mixed in
+            add("", "", "", "", *scores(score["mixture"]), f"{model} + counts")
+    for i, model in enumerate(("pretrain", "sft")):
+        sample = stages["samples"][model]
+        add("samples" if i == 0 else "", stages["samples"]["status"] if i == 0 else "", "", "", "", "", "",
+            f"{model}: {excerpt(sample['prompt'])} -> {excerpt(sample['text'])}")
     console.print(table)
-    mixed = any("mixture" in summary["stages"][stage] for stage in STAGES)
+    mixed = any("mixture" in summary["stages"]["eval"][model] for model in ("pretrain", "sft"))
     console.print(f"val loss: pretrain on its validation split, sft on held-out responses only"
                   f"{'; each of the network alone, and + counts: with its counted n-grams mixed in' if mixed else ''}; "
                   f"details in {summary['record']}", markup=False, highlight=False)

@@ -60,10 +60,10 @@ def resolve_run(run: str | Path) -> Path:
     if not path.exists() and (DEFAULT_RUNS_DIR / str(run)).is_dir():
         path = DEFAULT_RUNS_DIR / str(run)
     if not path.is_dir():
-        raise LlmctlError(f"run not found: {run}; pass a run directory (e.g. experiments/runs/demo) or a "
+        raise ConfigError(f"run not found: {run}; pass a run directory (e.g. experiments/runs/demo) or a "
                           f"run name under {DEFAULT_RUNS_DIR}")
     if not is_run_dir(path):
-        raise LlmctlError(f"{path} is not a run directory (no metrics.jsonl, config.toml or status.json)")
+        raise ConfigError(f"{path} is not a run directory (no metrics.jsonl, config.toml or status.json)")
     return path
 
 

@@ -45,7 +45,7 @@ def check_run_dir(run_dir: Path, *, resume: bool | str, overwrite: bool, stage: 
     if resume and not existing:
         there = run_dir.is_dir() if existed is None else existed
         where = f"{run_dir} holds no checkpoint" if there else f"{run_dir} does not exist"
-        raise LlmctlError(f"nothing to resume: {where}; check --run-name (and run.output_dir), "
+        raise ConfigError(f"nothing to resume: {where}; check --run-name (and run.output_dir), "
                           f"or drop --resume to start a new run")
     if existing and not resume and not overwrite:
         count = f"{len(existing)} checkpoint{'s' if len(existing) > 1 else ''}"
@@ -86,7 +86,7 @@ def newest_checkpoint(run_dir: Path, stage: str) -> tuple[Path, dict[str, Any], 
             notes.append(f"skipped {path.name}: {e}")
     if first_error is not None:
         raise LlmctlError(f"no loadable {stage} checkpoint to resume in {run_dir}: {first_error}")
-    raise LlmctlError(f"nothing to resume: {run_dir} holds no {stage} checkpoint; drop --resume "
+    raise ConfigError(f"nothing to resume: {run_dir} holds no {stage} checkpoint; drop --resume "
                       f"to start a new run")
 
 

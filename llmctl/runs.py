@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from llmctl.atomic import write_text_atomic
-from llmctl.errors import LlmctlError
+from llmctl.errors import ConfigError
 
 STATUS_FILE = "status.json"
 STATES = ("running", "finished", "interrupted", "failed")
@@ -255,6 +255,32 @@ def summarize_run(run_dir: Path) -> dict[str, Any]:
     }
 
 
+def training_in_progress(run_dir: Path) -> str | None:
+    """Why a run directory holds no checkpoint yet when it is being trained right now (its
+    status says running and its process lives, or runs on another host where that cannot be
+    checked): where it is and when its first checkpoint comes. None otherwise."""
+    status = read_status(run_dir)
+    if status is None or status["state"] != "running":
+        return None
+    alive = process_alive(status)
+    if alive is False:
+        return None  # killed before its first save: nothing will come
+    row = summarize_run(run_dir)
+    step, max_steps = row["step"], row["max_steps"]
+    section = _read_config(run_dir).get(row["stage"] or "pretrain", {})
+    # The trainer saves every save_every steps, before every evaluation, and at max_steps.
+    due = [max_steps] if isinstance(max_steps, int) else []
+    due += [(step // every + 1) * every for every in (section.get("save_every"), section.get("eval_every"))
+            if isinstance(every, int) and every > 0]
+    pid = status.get("pid", "?")
+    where = f"pid {pid}" if alive else f"pid {pid} on host {status.get('host', '?')}"
+    progress = f"step {step:,} of {max_steps:,}" if isinstance(max_steps, int) else f"step {step:,}"
+    first = f"its first save at step {min(due):,}" if due else "its first save"
+    stop = f"Ctrl-C where it runs, or kill {pid}" if alive else "Ctrl-C where it runs"
+    return (f"it is still training ({progress}, {where}); wait for {first}, or stop it ({stop}), "
+            f"which saves the step it is at")
+
+
 def is_run_dir(path: Path) -> bool:
     return path.is_dir() and any((path / name).exists() for name in (STATUS_FILE, "metrics.jsonl", "config.toml"))
 
@@ -264,7 +290,7 @@ def list_runs(root: str | Path = "experiments/runs") -> list[dict[str, Any]]:
     root = Path(root).expanduser()
     if not root.is_dir():
         what = "is not a folder" if root.exists() else "does not exist"
-        raise LlmctlError(f"{root} {what}; pass the folder that holds your runs (run.output_dir, "
+        raise ConfigError(f"{root} {what}; pass the folder that holds your runs (run.output_dir, "
                           f"default experiments/runs)")
     dirs = [root] if is_run_dir(root) else sorted(p for p in root.iterdir() if is_run_dir(p))
     rows = [summarize_run(d) for d in dirs]

@@ -84,7 +84,7 @@ def resolve_base(source: str) -> Path:
         if steps:
             return steps[-1][1]
     if not path.exists():
-        raise LlmctlError(f"checkpoint not found: {source}; pass --from a .pt file or a run directory "
+        raise ConfigError(f"checkpoint not found: {source}; pass --from a .pt file or a run directory "
                           f"(e.g. experiments/runs/NAME)")
     return resolve_checkpoint(path)
 

@@ -157,7 +157,7 @@ ROWS: list[Bad] = [
     Bad("run-exists-no-flag", pretrain(run="good"), 1, "pass --resume to continue that run, --overwrite", setup=("run",)),
     Bad("resume-and-overwrite", pretrain("--resume", "--overwrite", run="good"), 2, "--resume and --overwrite contradict",
         setup=("run",)),
-    Bad("resume-nothing", pretrain("--resume", run="never"), 1, "nothing to resume"),
+    Bad("resume-nothing", pretrain("--resume", run="never"), 2, "nothing to resume"),
     Bad("resume-other-config", resume(*s("model.d_model=64", "pretrain.max_steps=9")), 2,
         "the config differs from the checkpoint's in model.d_model 32 -> 64", setup=("run",)),
     Bad("resume-other-tokenizer", resume(*s("data.tokenizer={gpt2}", "pretrain.max_steps=9")), 2,
@@ -175,13 +175,13 @@ ROWS: list[Bad] = [
 
 # Rows for the commands other helpers add; each is kept only while its command exists in cli.py.
 EVAL_ROWS = [
-    Bad("eval-missing-checkpoint", ("eval", "--checkpoint", "{user}/missing.pt"), 1, "checkpoint not found"),
+    Bad("eval-missing-checkpoint", ("eval", "--checkpoint", "{user}/missing.pt"), 2, "checkpoint not found"),
     Bad("eval-truncated-checkpoint", ("eval", "--checkpoint", "{user}/truncated.pt"), 1, "not a readable checkpoint",
         setup=("checkpoint_files",)),
     Bad("eval-malicious-checkpoint", ("eval", "--checkpoint", "{user}/evil.pt"), 1, "would import posix.system",
         setup=("checkpoint_files",)),
     Bad("eval-text-file-as-checkpoint", ("eval", "--checkpoint", "{text}"), 1, "not a readable checkpoint"),
-    Bad("eval-empty-run-dir", ("eval", "--checkpoint", "{user}/emptyrun"), 1, "holds no llmctl checkpoint",
+    Bad("eval-empty-run-dir", ("eval", "--checkpoint", "{user}/emptyrun"), 2, "holds no llmctl checkpoint",
         setup=("empty_run_dir",)),
     Bad("eval-missing-data", ("eval", "--checkpoint", "{ckpt}", "--data", "text:/no/such.txt"), 2, "/no/such.txt is not a file",
         setup=("run",)),
@@ -208,6 +208,10 @@ GENERATE_ROWS = [
         "does not exist", setup=("run",)),
     Bad("generate-binary-prompt-file", ("generate", "--checkpoint", "{ckpt}", "--prompt-file", "{user}/latin1.txt"), 2,
         "is not UTF-8", setup=("run", "latin1_text")),
+    Bad("generate-missing-checkpoint", ("generate", "--checkpoint", "{user}/missing.pt", "--prompt", "x"), 2,
+        "checkpoint not found"),
+    Bad("generate-empty-run-dir", ("generate", "--checkpoint", "{user}/emptyrun", "--prompt", "x"), 2,
+        "holds no llmctl checkpoint", setup=("empty_run_dir",)),
     Bad("generate-truncated-checkpoint", ("generate", "--checkpoint", "{user}/truncated.pt", "--prompt", "x"), 1,
         "not a readable checkpoint", setup=("checkpoint_files",)),
 ]
@@ -231,9 +235,9 @@ def sft(*extra: str, run: str | None = None) -> tuple[str, ...]:
 
 SFT_ROWS = [
     Bad("sft-no-from", ("sft", "--preset", "tiny"), 2, "no checkpoint to start from; pass --from CKPT"),
-    Bad("sft-missing-from", ("sft", "--from", "{user}/missing.pt", "--preset", "tiny"), 1, "checkpoint not found"),
+    Bad("sft-missing-from", ("sft", "--from", "{user}/missing.pt", "--preset", "tiny"), 2, "checkpoint not found"),
     Bad("sft-from-text-file", ("sft", "--from", "{text}", "--preset", "tiny"), 1, "not a readable checkpoint"),
-    Bad("sft-from-empty-run-dir", ("sft", "--from", "{user}/emptyrun", "--preset", "tiny"), 1,
+    Bad("sft-from-empty-run-dir", ("sft", "--from", "{user}/emptyrun", "--preset", "tiny"), 2,
         "holds no llmctl checkpoint", setup=("empty_run_dir",)),
     Bad("sft-text-spec", sft(*s('sft.datasets=["text:{text}"]')), 2, "text: files have no instruction/response",
         setup=("run", "sft_files")),
@@ -265,7 +269,7 @@ SFT_ROWS = [
         "sft takes [model] and [data] from the --from checkpoint, where model.d_model = 32", setup=("run", "sft_files")),
     Bad("sft-into-base-run-dir", sft(run="good"), 2, "is the run directory of the --from checkpoint",
         setup=("run", "sft_files")),
-    Bad("sft-resume-nothing", sft("--resume", run="never"), 1, "nothing to resume", setup=("run", "sft_files")),
+    Bad("sft-resume-nothing", sft("--resume", run="never"), 2, "nothing to resume", setup=("run", "sft_files")),
     Bad("sft-hub-unreachable", sft(*s('sft.datasets=["databricks/databricks-dolly-15k:100"]')), 1,
         "cannot reach the Hugging Face Hub", setup=("run", "sft_files"), env=(("HF_ENDPOINT", "http://127.0.0.1:9"),)),
     Bad("sft-bad-record-subprocess", sft(*s('sft.datasets=["jsonl:{user}/bad.jsonl"]')), 1, "bad.jsonl:2",
@@ -278,6 +282,14 @@ SFT_ROWS = [
         1, "bad.jsonl:2: message 1 has role 'wizard'", setup=("run", "sft_files")),
     Bad("inspect-empty-reply", ("data", "inspect", "--sft", "jsonl:{user}/empty.jsonl", "-c", "{ckpt}"), 1,
         "training skips this record", setup=("run", "sft_files")),
+]
+EXPORT_ROWS = [
+    Bad("export-missing-checkpoint", ("export", "--checkpoint", "{user}/missing.pt", "{user}/out"), 2,
+        "checkpoint not found"),
+    Bad("export-empty-run-dir", ("export", "--checkpoint", "{user}/emptyrun", "{user}/out"), 2,
+        "holds no llmctl checkpoint", setup=("empty_run_dir",)),
+    Bad("export-truncated-checkpoint", ("export", "--checkpoint", "{user}/truncated.pt", "{user}/out"), 1,
+        "not a readable checkpoint", setup=("checkpoint_files",)),
 ]
 PIPELINE_ROWS = [
     Bad("pipeline-unknown-key", ("pipeline", "--preset", "tiny", *s("sft.lrr=1")), 2, "did you mean 'sft.lr'?"),
@@ -299,7 +311,7 @@ def _registered(command: str) -> bool:
 
 
 ROWS += [r for rows, command in ((EVAL_ROWS, "eval"), (GENERATE_ROWS, "generate"), (DATA_ROWS, "data"),
-                                  (SFT_ROWS, "sft"), (PIPELINE_ROWS, "pipeline"))
+                                  (SFT_ROWS, "sft"), (EXPORT_ROWS, "export"), (PIPELINE_ROWS, "pipeline"))
          if _registered(command) for r in rows]
 
 

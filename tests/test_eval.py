@@ -329,6 +329,43 @@ def test_cli_eval_bad_checkpoint_is_one_line(tmp_path, cli_env, what):
         torch.save({"weights": torch.zeros(2)}, path)
     result = llmctl_cli("eval", "--checkpoint", str(path), "--json", cwd=tmp_path, env=cli_env)
     lines = result.stderr.strip().splitlines()
-    assert result.returncode == 1 and result.stdout == ""
+    # A path that names nothing is a bad input (2); a file that is there but unreadable, a run-time failure (1).
+    assert result.returncode == (2 if what == "missing" else 1) and result.stdout == ""
     assert len(lines) == 1 and lines[0].startswith("error: ") and str(path) in lines[0], result.stderr
     assert ("not found" in lines[0]) == (what == "missing")
+
+
+@pytest.fixture(scope="module")
+def untrained_checkpoint(tmp_path_factory, small_tok):
+    """A real checkpoint of an untrained 1-layer model with the small tokenizer, in a folder
+    whose name holds brackets (Rich markup would read them as a tag)."""
+    from llmctl.checkpoint import save_checkpoint
+    from llmctl.config import load_config
+    from llmctl.data.tokenizer import load_tokenizer
+    from llmctl.pretrain import resolve_vocab
+
+    tok = load_tokenizer(str(small_tok))
+    cfg = resolve_vocab(load_config("tiny", ["model.d_model=32", "model.n_layers=1", "model.max_seq_len=32"], "u"),
+                        tok.vocab_size)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("untrained") / "run[1]" / "u-pretrain_final.pt"
+    path.parent.mkdir()
+    save_checkpoint(path, {"stage": "pretrain", "config": cfg.to_dict(), "tokenizer": tok.to_state(),
+                           "model": Transformer(cfg.model).state_dict(), "step": 0})
+    return path
+
+
+def test_cli_eval_table_shows_long_paths_whole_when_piped(untrained_checkpoint, shakespeare, tmp_path, cli_env):
+    """stdout is a pipe here, where Rich assumes 80 columns and used to cut the data column with "…"."""
+    folder = tmp_path.joinpath(*["a-rather-long-folder-name-for-held-out-text"] * 4)
+    folder.mkdir(parents=True)
+    held = folder / "held-out.txt"
+    held.write_text(shakespeare.read_text(encoding="utf-8")[-1500:], encoding="utf-8")
+    env = {k: v for k, v in cli_env.items() if k != "COLUMNS"}
+    result = llmctl_cli("eval", "-c", str(untrained_checkpoint), "--data", f"text:{held}", "--device", "cpu",
+                        cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert any(f"text:{held} " in line for line in lines), result.stdout  # on one line, not folded or cut
+    assert any(f"{untrained_checkpoint}  (context 32" in line for line in lines), result.stdout
+    assert "…" not in result.stdout

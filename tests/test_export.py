@@ -216,7 +216,7 @@ def test_an_existing_folder_is_replaced_only_with_force_and_a_run_directory_neve
     assert into_run.exit_code == 2 and "holds llmctl checkpoints" in into_run.stderr
     assert any(run_dir.glob("*.pt"))
     missing = cli("export", "-c", str(work / "nope.pt"), str(work / "never"))
-    assert missing.exit_code == 1 and "checkpoint not found" in missing.stderr and not (work / "never").exists()
+    assert missing.exit_code == 2 and "checkpoint not found" in missing.stderr and not (work / "never").exists()
 
 
 def test_safetensors_export_round_trips_llmctl_weights_config_and_tokenizer(work, sources):

@@ -319,6 +319,21 @@ def test_cli_generate_greedy_is_deterministic_seeds_reproduce_and_stop_strings_c
     assert cut.returncode == 0 and cut.stdout == text[: text.find(stop)] and "finished: stop" in cut.stderr
 
 
+def test_cli_generate_past_the_context_slides_the_window_and_says_so(random_checkpoint, tmp_path, cli_env):
+    """max_seq_len is 32: 80 new tokens are all written (the KV cache slides; without it the last
+    32 tokens are re-run), and the summary says the window slid; 20 new tokens say nothing of it."""
+    ckpt = str(random_checkpoint)
+    for extra in ([], ["--no-cache"]):
+        long = llmctl_cli("generate", "-c", ckpt, "--prompt", "ROMEO:", "-m", "80", "-t", "1", "--top-p", "1",
+                          "--seed", "1", *extra, cwd=tmp_path, env=cli_env)
+        assert long.returncode == 0, long.stderr
+        summary = long.stderr.strip().splitlines()
+        assert len(summary) == 1 and "80 tokens" in summary[0] and "finished: length" in summary[0], long.stderr
+        assert "past the 32-token context the window slid (each token saw the last 32)" in summary[0]
+    short = llmctl_cli("generate", "-c", ckpt, "--prompt", "ROMEO:", "-m", "20", "-t", "0", cwd=tmp_path, env=cli_env)
+    assert short.returncode == 0 and "20 tokens" in short.stderr and "slid" not in short.stderr, short.stderr
+
+
 @pytest.mark.parametrize("args,message", [
     (["--top-p", "1.5"], "top_p"),
     (["--top-p", "0"], "top_p"),
@@ -330,6 +345,6 @@ def test_cli_generate_bad_options_are_one_line(random_checkpoint, tmp_path, cli_
     base = ["generate"] + ([] if "-c" in args else ["-c", str(random_checkpoint)])
     base += [] if "--prompt" in args else ["--prompt", "Hi"]
     result = llmctl_cli(*base, *args, cwd=tmp_path, env=cli_env)
-    assert result.returncode == (1 if "-c" in args else 2) and result.stdout == ""
+    assert result.returncode == 2 and result.stdout == ""
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr

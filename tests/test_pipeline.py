@@ -77,6 +77,12 @@ def test_first_run_runs_every_stage(first, work):
         assert all(math.isfinite(row[k]) and row[k] > 0 for k in ("loss", "perplexity", "bits_per_byte"))
         assert isinstance(row["sample"]["text"], str) and row["sample"]["prompt"]
     assert summary["stages"]["data"]["tokens"] > 0
+    # The eval and samples rows hold what those stages produced, as pipeline.json does.
+    record = json.loads((runs / "p" / "pipeline.json").read_text())
+    for model in ("pretrain", "sft"):
+        assert summary["stages"]["eval"][model] == record["eval"][model]
+        assert summary["stages"]["eval"][model]["perplexity"] == summary["stages"][model]["perplexity"]
+        assert summary["stages"]["samples"][model] == record["samples"][model] == summary["stages"][model]["sample"]
     # The SFT stage started from the pretrain stage's final checkpoint, with its tokenizer.
     tuned = torch.load(runs / "p-sft" / "p-sft-sft_final.pt", weights_only=True)
     base = torch.load(runs / "p" / "p-pretrain_final.pt", weights_only=True)
@@ -97,6 +103,20 @@ def test_second_run_skips_every_finished_stage(first, work):
     assert json.loads(again.stdout)["stages"]["sft"]["loss"] == json.loads(first.stdout)["stages"]["sft"]["loss"]
     table = invoke(work, *pipeline_args())
     assert table.exit_code == 0 and "pipeline p" in table.stdout and "skipped" in table.stdout
+    # The table's eval rows show both models' scores, its samples rows both samples' starts.
+    stages = json.loads(again.stdout)["stages"]
+    lines = [line for line in table.stdout.splitlines() if line.startswith("│")]
+    cells = [[c.strip() for c in line.split("│")[1:-1]] for line in lines]
+    at = next(i for i, row in enumerate(cells) if row[0] == "eval")
+    for row, model in zip(cells[at: at + 2], ("pretrain", "sft")):
+        score = stages["eval"][model]
+        assert row[4:7] == [f"{score['loss']:.4f}", f"{score['perplexity']:.2f}", f"{score['bits_per_byte']:.4f}"]
+        assert row[7].startswith(f"{model}: ")
+    at = next(i for i, row in enumerate(cells) if row[0] == "samples")
+    output = " ".join(row[7] for row in cells[at:])  # a long sample folds onto the next lines
+    for model in ("pretrain", "sft"):
+        sample = stages["samples"][model]
+        assert f"{model}: {sample['prompt'][:20]!r}"[:-1] in output, table.stdout
 
 
 def test_an_interrupted_stage_is_resumed_and_later_stages_redone(first, work):

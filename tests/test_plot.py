@@ -80,7 +80,7 @@ def test_plot_command_overlays_runs_into_one_png(two_runs, tmp_path):
     bad = cli("plot", str(two_runs[0]), "-o", str(tmp_path / "x.jpg"))
     assert bad.exit_code == 2 and ".png" in bad.stderr
     missing = cli("plot", str(tmp_path / "nope"))
-    assert missing.exit_code == 1 and "run not found" in missing.stderr
+    assert missing.exit_code == 2 and "run not found" in missing.stderr
 
 
 def test_without_matplotlib_plot_names_the_extra_and_a_run_skips_the_png_quietly(two_runs, tmp_path, monkeypatch,

@@ -156,6 +156,37 @@ def test_resume_takes_over_the_lock_of_a_killed_run(live, folder, env, live_args
     assert (run_dir / ".lock").read_text() == ""  # released: no holder named
 
 
+def test_reading_a_run_before_its_first_checkpoint_says_it_is_still_training(folder, env, shakespeare, small_tok):
+    """eval and sft --from on a run that is training but has not saved yet name its step, its pid
+    and when its first checkpoint comes; once the process is gone, they do not. (generate and
+    export find their checkpoint as eval does, through `resolve_checkpoint`.)"""
+    from llmctl.runs import read_metrics, read_status
+
+    args = small_run_args("early", shakespeare, small_tok, "--set", "pretrain.max_steps=100000",
+                          "--set", "pretrain.save_every=30000", "--set", "pretrain.eval_every=50000")
+    run_dir = folder / "experiments" / "runs" / "early"
+    proc = start(args, folder, env)
+    readers = [["eval", "-c", str(run_dir)],
+               ["sft", "--from", str(run_dir), "--preset", "tiny", "--set", "run.device=cpu"]]
+    try:
+        wait_for(lambda: (read_status(run_dir) or {}).get("state") == "running" and len(read_metrics(run_dir)[0]) >= 3,
+                 "its first logged steps", proc)
+        for command in readers:
+            code, out, err = llmctl(command, folder, env)
+            lines = err.strip().splitlines()
+            assert code == 2 and len(lines) == 1, err
+            assert lines[0].startswith(f"error: {run_dir} holds no checkpoint yet: it is still training (step "), err
+            assert f" of 100,000, pid {proc.pid}); wait for its first save at step 30,000" in lines[0], err
+            assert f"or stop it (Ctrl-C where it runs, or kill {proc.pid})" in lines[0], err
+        assert not list(run_dir.glob("*.pt"))
+    finally:
+        proc.kill()
+        proc.communicate(timeout=60)
+    # Killed before any save: status.json still says running, but its process is gone.
+    code, _, err = llmctl(readers[0], folder, env)
+    assert code == 2 and "holds no llmctl checkpoint" in err and "still training" not in err, err
+
+
 def test_resume_auto_starts_fresh_then_continues(folder, env, shakespeare, small_tok):
     from llmctl.runs import list_runs
 

@@ -139,7 +139,7 @@ def test_cli_table_and_json(runs):
     one = cli("runs", str(runs["root"] / "done"), "--json")  # a run directory itself
     assert [r["name"] for r in json.loads(one.stdout)["runs"]] == ["done"]
     missing = cli("runs", str(runs["work"] / "nowhere"))
-    assert missing.exit_code == 1 and "does not exist" in missing.stderr
+    assert missing.exit_code == 2 and "does not exist" in missing.stderr
 
 
 @pytest.mark.skipif(not HAS_TENSORBOARD, reason="tensorboard not installed (pip install 'llmctl[tensorboard]')")

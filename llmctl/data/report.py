@@ -162,3 +162,18 @@ def wide_console(stderr: bool = False) -> Console:
     console = Console(stderr=stderr)
     return console if console.is_terminal else Console(stderr=stderr, width=160)
 
+
+
+def print_whole(table: Table, stderr: bool = False) -> None:
+    """Print a table with no cell cut short. Piped, Rich assumes 80 columns and ends long paths
+    with "…"; there the console is as wide as the table's widest row (and its title), so
+    every value stays on one line for scripts. On a terminal, its width (columns may fold)."""
+    from rich.measure import Measurement
+    from rich.text import Text
+
+    console = Console(stderr=stderr)
+    if not console.is_terminal:
+        need = Measurement.get(console, console.options.update_width(1 << 20), table).maximum
+        title = table.title.cell_len if isinstance(table.title, Text) else len(str(table.title or ""))
+        console = Console(stderr=stderr, width=max(console.width, need, title))
+    console.print(table)
