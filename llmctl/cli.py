@@ -513,8 +513,8 @@ def sft(
         "--from", metavar="CKPT", help="The checkpoint to fine-tune: an llmctl .pt file, or a run directory "
                                        "(its pretrain final checkpoint). Default: sft.from.")] = None,
     preset: Annotated[Optional[str], typer.Option(
-        "--preset", "-p", help="Preset whose [sft], [run] and [eval] settings to use (a name or a .toml path). "
-                               "Default: those the --from run was trained with.")] = None,
+        "--preset", "-p", help=f"Preset name ({', '.join(available_presets())}) or path to a TOML file. "
+                               "Default: the sft, run and eval settings the --from run was trained with.")] = None,
     run_name: Annotated[Optional[str], typer.Option(
         "--run-name", "-n", help="Run directory name under run.output_dir (default: the base run's name + '-sft').")
     ] = None,
