@@ -156,23 +156,30 @@ def pretrain(
 
         mode = resume_mode(resume)
         cfg = load_config(preset, overrides, run_name)
+        from llmctl.data.downloads import prepare_command, pretrain_closing
+
         if dry_run:
             from llmctl.pretrain import dry_run as plan_run
 
-            cfg, plan = plan_run(cfg)
+            cfg, plan, downloads = plan_run(cfg)
             typer.echo(f"# llmctl pretrain --preset {preset} --dry-run: the resolved config")
             typer.echo(cfg.to_toml())
-            typer.echo("# derived")
-            width = max(len(k) for k, _ in plan.rows())
-            for key, value in plan.rows():
-                typer.echo(f"# {key.ljust(width)}  {value}")
+            for heading, rows in (("derived", plan.rows()), (downloads.heading(), downloads.rows())):
+                typer.echo(f"# {heading}")
+                width = max((len(k) for k, _ in rows), default=0)
+                for key, value in rows:
+                    typer.echo(f"# {key.ljust(width)}  {value}")
+            error = downloads.error(pretrain_closing(prepare_command(preset, overrides)))
+            if error is not None:  # the plan is printed; a script still sees that the run cannot start
+                raise type(error)(f"cannot start: {error}")
             return
         from rich.console import Console
 
         from llmctl.pretrain import resume_command, run_pretrain
 
         summary = run_pretrain(cfg, Console(stderr=True), overwrite=overwrite, resume=mode,
-                               resume_command=resume_command(preset, overrides, cfg.run.name))
+                               resume_command=resume_command(preset, overrides, cfg.run.name),
+                               prepare_command=prepare_command(preset, overrides))
         if summary["checkpoint"]:  # None on the other ranks of a torchrun job
             typer.echo(summary["checkpoint"])
 
@@ -616,6 +623,9 @@ def data_inspect(
 
 
 def main() -> None:
+    from llmctl.data import hub
+
+    hub.OWN_PROCESS = True  # this process is llmctl's: it may put the Hugging Face libraries offline
     app()
 
 
