@@ -522,7 +522,7 @@ def pipeline(
         from llmctl.pipeline import pipeline_command, render_summary, run_pipeline
 
         summary = run_pipeline(cfg, Console(stderr=True), overrides,
-                               command=pipeline_command(preset, overrides, cfg.run.name))
+                               command=pipeline_command(preset, overrides, cfg.run.name), preset=preset)
         if as_json:
             import json
 
@@ -560,9 +560,12 @@ def data_prepare(preset: PresetOption = "local", overrides: SetOption = None, as
     """
     with user_errors():
         from llmctl.config import load_config
+        from llmctl.data.downloads import check_pretrain_downloads, require
         from llmctl.data.report import prepare_data, wide_console
 
         cfg = load_config(preset, overrides)
+        require(check_pretrain_downloads(cfg.data), "or run this command again while online (it caches {them})",
+                who="this command")
         _show_data(prepare_data(cfg.data, wide_console(stderr=True)), as_json)
 
 

@@ -146,8 +146,9 @@ def _local_tokenizer(cfg: DataConfig) -> TextTokenizer | None:
     return ready_tokenizer(cfg)
 
 
-def check_sft_downloads(specs: list[str], checkpoint: str | None = None) -> DownloadCheck:
-    """What `sft.datasets` need from the Hub (the tokenizer comes from the checkpoint)."""
+def check_sft_downloads(specs: list[str], fetch_args: list[str] | None = None) -> DownloadCheck:
+    """What `sft.datasets` need from the Hub (the tokenizer comes from the checkpoint); a missing
+    one's fix names `llmctl data inspect --sft SPEC *fetch_args`, which caches the whole set."""
     from llmctl.data.sft import check_sft_sources, sft_hub_dataset
 
     parsed = check_sft_sources(specs)
@@ -165,8 +166,7 @@ def check_sft_downloads(specs: list[str], checkpoint: str | None = None) -> Down
         if piece is None:
             pieces.append(Piece(f"dataset '{s.raw}'", _in_hf_cache()))
             continue
-        fetch = shlex.join(["llmctl", "data", "inspect", "--sft", s.raw]
-                           + (["--checkpoint", checkpoint] if checkpoint else []))
+        fetch = shlex.join(["llmctl", "data", "inspect", "--sft", s.raw, *(fetch_args or [])])
         pieces.append(Piece(piece.what, MISSING, f"{piece.fix}, or fetch it once while online with `{fetch}`"))
     return DownloadCheck(status, pieces)
 
