@@ -192,3 +192,16 @@ def test_llmctl_token_store_stands_in_for_both_downloads(filled_hf, places, tmp_
     r = llmctl("pretrain", "--preset", "local", "--run-name", "stored", *sets(*TINY), cwd=places["user"],
                hf_home=empty, cache=places["cache"], offline=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_pipeline_names_the_sft_dataset_with_the_pretraining_pieces_before_any_training(places):
+    r = llmctl("pipeline", "--preset", "local", cwd=places["user"], hf_home=places["hf"], cache=places["cache"])
+    assert r.returncode == 2, r.stderr
+    lines = error_block(r.stderr)
+    assert lines[0].startswith("error: this run needs 3 downloads from the Hugging Face Hub, which cannot be reached")
+    assert [line.split(":")[0] for line in lines[1:4]] == [
+        "  tokenizer 'gpt2'", "  dataset 'wikitext-2-raw-v1'", "  dataset 'databricks/databricks-dolly-15k'"]
+    assert lines[3].endswith("use a local file with --set 'sft.datasets=[\"jsonl:PATH\"]', or fetch it once while "
+                             "online with `llmctl data inspect --sft databricks/databricks-dolly-15k --preset local`")
+    assert lines[4] == "  or fetch the pretraining downloads once while online with `llmctl data prepare --preset local`"
+    assert not any(places["user"].iterdir())

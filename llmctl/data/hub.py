@@ -150,7 +150,8 @@ def downloads_error(missing: list[Missing], status: str, closing: str = "", who:
     they = "they are" if n != 1 else "it is"
     cache = shown_path(hf_home())
     if status == OFFLINE:
-        why = f"but {offline_variable() or 'HF_HUB_OFFLINE'}=1 and {they} not in the cache at {cache}"
+        var = offline_variable() or "HF_HUB_OFFLINE"
+        why = f"but {var}={os.environ.get(var, '1')} and {they} not in the cache at {cache}"
     else:
         why = f"which cannot be reached ({_endpoint()}), and {they} not in the cache at {cache}"
     lines = [f"{who} needs {pieces} from the Hugging Face Hub, {why}:"]
