@@ -194,16 +194,22 @@ def pretrain(
 
         mode = resume_mode(resume)
         cfg = load_config(preset, overrides, run_name)
+        from llmctl.data.downloads import prepare_command, pretrain_closing
+
         if dry_run:
             from llmctl.pretrain import dry_run as plan_run
 
-            cfg, plan = plan_run(cfg)
+            cfg, plan, downloads = plan_run(cfg)
             typer.echo(f"# llmctl pretrain --preset {preset} --dry-run: the resolved config")
             typer.echo(cfg.to_toml())
-            typer.echo("# derived")
-            width = max(len(k) for k, _ in plan.rows())
-            for key, value in plan.rows():
-                typer.echo(f"# {key.ljust(width)}  {value}")
+            for heading, rows in (("derived", plan.rows()), (downloads.heading(), downloads.rows())):
+                typer.echo(f"# {heading}")
+                width = max((len(k) for k, _ in rows), default=0)
+                for key, value in rows:
+                    typer.echo(f"# {key.ljust(width)}  {value}")
+            error = downloads.error(pretrain_closing(prepare_command(preset, overrides)))
+            if error is not None:  # the plan is printed; a script still sees that the run cannot start
+                raise type(error)(f"cannot start: {error}")
             return
         from rich.console import Console
 
@@ -212,7 +218,8 @@ def pretrain(
         from llmctl.pretrain import next_commands
 
         summary = run_pretrain(cfg, Console(stderr=True), overwrite=overwrite, resume=mode,
-                               resume_command=resume_command(preset, overrides, cfg.run.name))
+                               resume_command=resume_command(preset, overrides, cfg.run.name),
+                               prepare_command=prepare_command(preset, overrides))
         if summary["checkpoint"]:  # None on the other ranks of a torchrun job
             typer.echo(summary["checkpoint"])
             say_next(next_commands(summary["run_dir"]))
@@ -569,7 +576,7 @@ def pipeline(
         from llmctl.pipeline import pipeline_command, render_summary, run_pipeline
 
         summary = run_pipeline(cfg, Console(stderr=True), overrides,
-                               command=pipeline_command(preset, overrides, cfg.run.name))
+                               command=pipeline_command(preset, overrides, cfg.run.name), preset=preset)
         if as_json:
             import json
 
@@ -607,9 +614,12 @@ def data_prepare(preset: PresetOption = "quickstart", overrides: SetOption = Non
     """
     with user_errors():
         from llmctl.config import load_config
+        from llmctl.data.downloads import check_pretrain_downloads, require
         from llmctl.data.report import prepare_data, wide_console
 
         cfg = load_config(preset, overrides)
+        require(check_pretrain_downloads(cfg.data), "or run this command again while online (it caches {them})",
+                who="this command")
         _show_data(prepare_data(cfg.data, wide_console(stderr=True)), as_json)
 
 
@@ -670,6 +680,9 @@ def data_inspect(
 
 
 def main() -> None:
+    from llmctl.data import hub
+
+    hub.OWN_PROCESS = True  # this process is llmctl's: it may put the Hugging Face libraries offline
     app()
 
 

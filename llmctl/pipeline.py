@@ -197,16 +197,30 @@ def make_samples(pretrain_path: Path, sft_path: Path, cfg: Config) -> dict[str, 
 # --------------------------------------------------------------------------- the pipeline
 
 def run_pipeline(cfg: Config, console: Console, overrides: list[str] | None = None,
-                 command: str | None = None) -> dict[str, Any]:
+                 command: str | None = None, preset: str | None = None) -> dict[str, Any]:
     """Run every stage that is not complete; returns the summary (`render_summary` shows it)."""
     check_sources(cfg.data.datasets)  # every spec and file checked before hours of pretraining
     check_sft_sources(cfg.sft.datasets)
+    check_pipeline_downloads(cfg, preset, overrides)
     say = say_to(console)
     run_dir = run_dir_of(cfg)
     # The pipeline writes pipeline.json and the eval results here between stages, so it holds
     # the run's lock throughout; run_pretrain takes it again (same process), run_sft its own.
     with hold_run_lock(run_dir, "pipeline", say):
         return _pipeline(cfg, console, say, run_dir, overrides, command)
+
+
+def check_pipeline_downloads(cfg: Config, preset: str | None, overrides: list[str] | None) -> None:
+    """Both stages' downloads, before the first: an SFT dataset the Hub cannot give is named
+    now, with the pretraining pieces, not after hours of pretraining."""
+    from llmctl.data.downloads import (check_pretrain_downloads, check_sft_downloads, prepare_command,
+                                       pretrain_closing, require)
+
+    pretraining = check_pretrain_downloads(cfg.data)
+    tuning = check_sft_downloads(cfg.sft.datasets, ["--preset", preset] if preset else [])
+    # `data prepare` fetches the pretraining pieces; an SFT dataset's line names its own fetch
+    closing = pretrain_closing(prepare_command(preset, overrides), quickstart=False) if pretraining.missing else ""
+    require(pretraining + tuning, closing.replace("{them}", "the pretraining downloads"))
 
 
 def _pipeline(cfg: Config, console: Console, say: Callable[[str], None], run_dir: Path,

@@ -18,6 +18,7 @@ from rich.console import Console
 from llmctl.autobatch import with_micro_batch
 from llmctl.config import AUTO, Config
 from llmctl.data.batches import training_windows
+from llmctl.data.downloads import DownloadCheck, check_pretrain_downloads, pretrain_closing, require
 from llmctl.data.sources import check_sources
 from llmctl.data.store import prepare_store
 from llmctl.data.report import PrepareDisplay
@@ -40,7 +41,7 @@ class Plan:
     """The derived numbers a user checks before spending hours (`--dry-run` prints them)."""
 
     parameters: int
-    vocab_size: int
+    vocab_size: int | None  # None: the tokenizer is not at hand (offline), so neither is the embedding size
     tokens_per_step: int
     accumulation_steps: int | str  # "auto": found when training starts
     total_tokens: int
@@ -48,13 +49,16 @@ class Plan:
     eval_steps: int
     max_time: str = ""  # the time budget; training ends at it or at max_steps, whichever comes first
     lr_schedule: str = ""
+    per_vocab_entry: int = 0  # parameters each vocabulary entry adds (shown while vocab_size is None)
 
     def rows(self) -> list[tuple[str, str]]:
         saves = self.checkpoint_steps
         shown = ", ".join(map(str, saves[:6])) + (", …" if len(saves) > 6 else "")
+        unknown = self.vocab_size is None
         return [
-            ("parameters", f"{self.parameters:,}"),
-            ("vocab size", f"{self.vocab_size:,}"),
+            ("parameters", f"{self.parameters:,}" if not unknown else
+             f"{self.parameters:,} plus {self.per_vocab_entry:,} per vocabulary entry"),
+            ("vocab size", f"{self.vocab_size:,}" if not unknown else "unknown (the tokenizer is not at hand)"),
             ("tokens per step", f"{self.tokens_per_step:,}"),
             ("accumulation steps", f"{self.accumulation_steps}" if self.accumulation_steps != AUTO else
              "auto (the largest micro-batch that fits is found when training starts)"),
@@ -92,10 +96,24 @@ def make_plan(cfg: Config) -> Plan:
     )
 
 
-def dry_run(cfg: Config) -> tuple[Config, Plan]:
+def dry_run(cfg: Config) -> tuple[Config, Plan, DownloadCheck]:
+    """The resolved config, its derived numbers and what it needs from the Hub. Offline with
+    the tokenizer missing, the vocabulary (unless model.vocab_size is set) is unknown: the plan
+    then counts parameters without the embedding."""
     check_sources(cfg.data.datasets)
-    cfg = resolve_vocab(cfg, planned_vocab_size(cfg.data))
-    return cfg, make_plan(cfg)
+    downloads = check_pretrain_downloads(cfg.data)
+    tokenizer_missing = any(p.what.startswith("tokenizer ") for p in downloads.missing)
+    if not tokenizer_missing:
+        vocab = downloads.tokenizer.vocab_size if downloads.tokenizer else planned_vocab_size(cfg.data)
+        cfg = resolve_vocab(cfg, vocab)
+        return cfg, make_plan(cfg), downloads
+    if cfg.model.vocab_size:
+        return cfg, make_plan(cfg), downloads
+    one, two = (make_plan(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=v)))
+                for v in (1, 1 + cfg.model.pad_vocab_multiple))
+    per_entry = (two.parameters - one.parameters) // cfg.model.pad_vocab_multiple
+    return cfg, dataclasses.replace(one, parameters=one.parameters - per_entry * cfg.model.pad_vocab_multiple,
+                                    vocab_size=None, per_vocab_entry=per_entry), downloads
 
 
 def resume_command(preset: str, overrides: list[str] | None, run_name: str) -> str:
@@ -107,10 +125,11 @@ def resume_command(preset: str, overrides: list[str] | None, run_name: str) -> s
 
 
 def run_pretrain(cfg: Config, console: Console, overwrite: bool = False, resume: bool | str = False,
-                 resume_command: str | None = None) -> dict[str, Any]:
+                 resume_command: str | None = None, prepare_command: str | None = None) -> dict[str, Any]:
     """Train from scratch, or with `resume` continue from the run's newest checkpoint (with
     `resume="auto"`, only if it has one); returns a summary with the final checkpoint's path.
-    `resume_command` is the command line to show when a signal stops the run.
+    `resume_command` is the command line to show when a signal stops the run, `prepare_command`
+    the one that fetches its downloads (named when the Hub cannot give them).
 
     The run directory's lock is held throughout, taken before anything is read or written
     there, so a second writer is refused before it changes anything; a failure before
@@ -118,17 +137,19 @@ def run_pretrain(cfg: Config, console: Console, overwrite: bool = False, resume:
     run_dir = run_dir_of(cfg)
     with hold_run_lock(run_dir, STAGE, say_to(console)) as lock:
         resume = check_run_dir(run_dir, resume=resume, overwrite=overwrite, stage=STAGE, existed=lock.existed)
-        return _pretrain(cfg, console, run_dir, overwrite, resume, resume_command)
+        return _pretrain(cfg, console, run_dir, overwrite, resume, resume_command, prepare_command)
 
 
 def _pretrain(cfg: Config, console: Console, run_dir: Path, overwrite: bool, resume: bool,
-              resume_command: str | None) -> dict[str, Any]:
+              resume_command: str | None, prepare_command: str | None) -> dict[str, Any]:
     check_trackers(cfg.run.report_to)  # a missing tensorboard/wandb is named before the slow data work
     dist_info, device = init_distributed(cfg.run.device, cfg.run.distributed)  # alone: rank 0 of 1
     if not dist_info.is_main:
         console = Console(quiet=True)  # one voice: rank 0 prints, logs and saves
     dtype = resolve_dtype(cfg.run.dtype, device)
     check_sources(cfg.data.datasets)
+    # Every download, before the slow work: one error names all that the Hub cannot give.
+    require(check_pretrain_downloads(cfg.data), pretrain_closing(prepare_command))
     if not dist_info.is_main:
         barrier(dist_info)  # rank 0 trains the tokenizer / builds the store; the others then reuse it
     tokenizer = resolve_tokenizer(cfg.data, lambda line: console.print(line, markup=False, highlight=False))

@@ -48,6 +48,7 @@ from llmctl.config import (Config, config_from_dict, find_preset, load_config, p
                            with_overrides)
 from llmctl.cross_entropy import IGNORE_INDEX
 from llmctl.data.batches import Example, ExampleBatches
+from llmctl.data.downloads import check_sft_downloads, require
 from llmctl.data.chat_template import ChatTemplate, Message, encode_example, encode_examples, prompt_ids
 from llmctl.data.sft import SFTData, conversation, load_sft_data, record_at
 from llmctl.data.tokenizer import TextTokenizer
@@ -284,6 +285,8 @@ def _sft(cfg: Config, base: Base, console: Console, run_dir: Path, overwrite: bo
     if point is not None and "template" in point.state:
         template = ChatTemplate.from_state(point.state["template"])  # what this run has trained with
     say = lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
+    # Every Hub dataset, before reading any: one error names all that the Hub cannot give.
+    require(check_sft_downloads(cfg.sft.datasets, ["--checkpoint", str(base.path)]))
     say(f"data: reading {', '.join(cfg.sft.datasets)} (format {cfg.sft.format})")
     data = load_sft_data(cfg.sft.datasets, cfg.sft.format, cfg.sft.validation_fraction)
     if not data.train or not data.validation:

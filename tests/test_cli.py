@@ -79,11 +79,12 @@ def test_existing_run_is_not_overwritten(tiny_run, shakespeare, gpt2_dir):
     assert final.stat().st_mtime_ns == before
 
 
-def test_dry_run_prints_resolved_config_and_derived_numbers(tmp_path, gpt2_dir):
+def test_dry_run_prints_resolved_config_and_derived_numbers(tmp_path, gpt2_dir, shakespeare):
     import tomllib
 
+    # Local data and tokenizer: a piece the Hub would have to give makes the dry run exit 2 offline
     result = llmctl("pretrain", "--preset", "tiny", "--dry-run", "--set", f"data.tokenizer={gpt2_dir}",
-                    "--set", "pretrain.max_steps=120", cwd=tmp_path)
+                    "--set", f'data.datasets=["text:{shakespeare}"]', "--set", "pretrain.max_steps=120", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     resolved = tomllib.loads(result.stdout)  # derived numbers are TOML comments
     assert resolved["model"]["vocab_size"] == 50257 and resolved["pretrain"]["max_steps"] == 120

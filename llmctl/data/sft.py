@@ -217,13 +217,21 @@ def iter_records(spec, split: str = "train") -> Iterator[tuple[str, Any]] | None
     return _hub_records(spec, split)
 
 
-def _hub_records(spec, split: str) -> Iterator[tuple[str, Any]] | None:
-    from llmctl.data.hub import hub_offline, require_hub
+SFT_DATASET_FIX = "use a local file with --set 'sft.datasets=[\"jsonl:PATH\"]'"
 
-    path, config = SFT_REGISTERED.get(spec.target) or (
+
+def sft_hub_dataset(spec) -> tuple[str, str | None]:
+    """(path, config) of an SFT Hub spec, as `datasets.load_dataset` takes them."""
+    return SFT_REGISTERED.get(spec.target) or (
         ("/".join(spec.target.split("/")[:2]), spec.target.split("/")[2]) if spec.target.count("/") == 2
         else (spec.target, None))
-    require_hub(f"dataset '{spec.raw}'", "use a local file (--set 'sft.datasets=[\"jsonl:PATH\"]')")
+
+
+def _hub_records(spec, split: str) -> Iterator[tuple[str, Any]] | None:
+    from llmctl.data.hub import Missing, dataset_cached, hub_offline, require_hub
+
+    path, config = sft_hub_dataset(spec)
+    require_hub(Missing(f"dataset '{spec.raw}'", SFT_DATASET_FIX), cached=dataset_cached(path, config))
     import datasets
 
     datasets.logging.set_verbosity_error()

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmctl.data import shakespeare
-from llmctl.data.hub import hub_offline, require_hub
+from llmctl.data.hub import Missing, dataset_cached, hub_offline, require_hub
 from llmctl.data.readers import READERS, check_jsonl, check_parquet, read_text
 from llmctl.errors import ConfigError, LlmctlError
 
@@ -186,7 +186,8 @@ def input_bytes(spec: SourceSpec) -> int | None:
 def _hub_documents(spec: SourceSpec, split: str) -> Iterator[str] | None:
     """Documents of one Hub split, or None when the dataset has no such split."""
     ds_info = hub_dataset(spec)
-    require_hub(f"dataset '{spec.raw}'", "use local files (--set 'data.datasets=[\"text:PATH\"]')")
+    require_hub(Missing(f"dataset '{spec.raw}'", "use local text with --set 'data.datasets=[\"text:PATH\"]'"),
+                cached=dataset_cached(ds_info.path, ds_info.config))
     import datasets
 
     datasets.logging.set_verbosity_error()

@@ -13,13 +13,13 @@ instead (see `llmctl.data.bpe`); `resolve_tokenizer` is the one entry point for 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llmctl.data.hub import require_hub
 from llmctl.errors import ConfigError, LlmctlError
 
 if TYPE_CHECKING:
@@ -68,29 +68,84 @@ class TextTokenizer:
         return cls(Tokenizer.from_str(state["json"]), int(state["eos_id"]), str(state.get("source", "checkpoint")))
 
 
-def load_tokenizer(name: str) -> TextTokenizer:
-    """A Hub tokenizer name (`gpt2`) or a local folder holding tokenizer.json."""
+def is_hub_name(name: str) -> bool:
+    """`data.tokenizer` names a Hub repo (gpt2, ORG/NAME), not a folder or `train:V`."""
+    if name.startswith("train:"):
+        return False
+    path = Path(os.path.expanduser(name))
+    # A Hub id is NAME or ORG/NAME; anything that exists, or looks like a path, is local.
+    return not (path.exists() or name.startswith((".", "/", "~")) or name.strip("/").count("/") > 1)
+
+
+TOKENIZER_FIX = ("train one on the data with --set data.tokenizer=train:8192, or use a folder holding "
+                 "tokenizer.json with --set data.tokenizer=FOLDER")
+
+
+def load_tokenizer(name: str, llmctl_cache: Path | None = None) -> TextTokenizer:
+    """A Hub tokenizer name (`gpt2`) or a local folder holding tokenizer.json. Without the Hub,
+    a Hub name comes from the Hugging Face cache, else from the copy a token store in
+    `llmctl_cache` keeps of it."""
     if name.startswith("train:"):
         raise ConfigError(f"data.tokenizer '{name}' is trained from data.datasets; "
                           f"load it with resolve_tokenizer(cfg.data)")
+    if is_hub_name(name):
+        from llmctl.data.hub import REACHABLE, Missing, hub_status, require_hub
+
+        if hub_status() == REACHABLE:
+            return _from_transformers(name, name)
+        found = cached_hub_tokenizer(name, llmctl_cache)
+        require_hub(Missing(f"tokenizer '{name}'", TOKENIZER_FIX), cached=found is not None)
+        return found
     path = Path(os.path.expanduser(name))
-    # A Hub id is NAME or ORG/NAME; anything that exists, or looks like a path, is local.
-    looks_local = path.exists() or name.startswith((".", "/", "~")) or name.strip("/").count("/") > 1
-    if looks_local:
-        if not path.is_dir():
-            raise ConfigError(f"data.tokenizer: {name} is not a folder; give a folder with "
-                              f"tokenizer.json or a Hub name such as gpt2")
-        if not (path / "tokenizer.json").is_file():
-            raise ConfigError(f"data.tokenizer: {name} has no tokenizer.json; save one with "
-                              f"tokenizer.save_pretrained(folder) or give a Hub name such as gpt2")
-    else:
-        require_hub(f"tokenizer '{name}'", "set data.tokenizer to a local folder with tokenizer.json")
+    if not path.is_dir():
+        raise ConfigError(f"data.tokenizer: {name} is not a folder; give a folder with "
+                          f"tokenizer.json or a Hub name such as gpt2")
+    if not (path / "tokenizer.json").is_file():
+        raise ConfigError(f"data.tokenizer: {name} has no tokenizer.json; save one with "
+                          f"tokenizer.save_pretrained(folder) or give a Hub name such as gpt2")
+    return _from_transformers(str(path), name)
+
+
+def cached_hub_tokenizer(name: str, llmctl_cache: Path | None = None) -> TextTokenizer | None:
+    """Hub tokenizer `name` without the Hub: from the Hugging Face cache, else from the newest
+    token store in `llmctl_cache` made with it (each keeps the tokenizer.json it was made
+    with); None when neither has it."""
+    from llmctl.data.hub import tokenizer_files_cached
+
+    if tokenizer_files_cached(name):
+        try:  # local_files_only: never a request, so no retries against an unreachable Hub
+            return _from_transformers(name, name, local_files_only=True)
+        except LlmctlError:
+            pass  # part of it is cached, not all that transformers needs
+    return stored_tokenizer(name, llmctl_cache) if llmctl_cache is not None else None
+
+
+def stored_tokenizer(name: str, cache: Path) -> TextTokenizer | None:
+    """The tokenizer.json a token store in `cache` keeps of tokenizer `name`, newest first."""
+    from tokenizers import Tokenizer
+
+    stores = sorted(cache.glob("tokens-*/manifest.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for manifest in stores:
+        try:
+            meta = json.loads(manifest.read_text(encoding="utf-8"))
+            if meta.get("tokenizer") != name:
+                continue
+            tok = TextTokenizer(Tokenizer.from_str((manifest.parent / "tokenizer.json").read_text(encoding="utf-8")),
+                                int(meta["eos_id"]), name)
+        except Exception:  # a damaged store (tokenizers raises plain Exception): try the next
+            continue
+        if tok.fingerprint == meta.get("tokenizer_fingerprint"):
+            return tok
+    return None
+
+
+def _from_transformers(ref: str, name: str, local_files_only: bool = False) -> TextTokenizer:
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     try:
-        tok = AutoTokenizer.from_pretrained(str(path) if looks_local else name)
+        tok = AutoTokenizer.from_pretrained(ref, local_files_only=local_files_only)
     except (OSError, ValueError) as e:
         raise LlmctlError(f"cannot load tokenizer '{name}': {str(e).splitlines()[0]}") from None
     backend = getattr(tok, "backend_tokenizer", None)
@@ -108,6 +163,11 @@ def load_tokenizer(name: str) -> TextTokenizer:
     return TextTokenizer(backend, int(eos), name)
 
 
+def _load_named(cfg: "DataConfig") -> TextTokenizer:
+    from llmctl.data.store import cache_root
+
+    return load_tokenizer(cfg.tokenizer, cache_root(cfg))
+
 
 def resolve_tokenizer(cfg: "DataConfig", on_status: Callable[[str], None] | None = None) -> TextTokenizer:
     """`data.tokenizer` -> TextTokenizer: a Hub name, a local folder, or `train:V` (a byte-level
@@ -115,7 +175,7 @@ def resolve_tokenizer(cfg: "DataConfig", on_status: Callable[[str], None] | None
     from llmctl.data.bpe import parse_train_spec, train_tokenizer
 
     vocab = parse_train_spec(cfg.tokenizer)
-    return load_tokenizer(cfg.tokenizer) if vocab is None else train_tokenizer(cfg, vocab, on_status)
+    return _load_named(cfg) if vocab is None else train_tokenizer(cfg, vocab, on_status)
 
 
 def ready_tokenizer(cfg: "DataConfig") -> TextTokenizer | None:
@@ -124,7 +184,7 @@ def ready_tokenizer(cfg: "DataConfig") -> TextTokenizer | None:
     from llmctl.data.bpe import cached_trained_tokenizer, parse_train_spec
 
     vocab = parse_train_spec(cfg.tokenizer)
-    return load_tokenizer(cfg.tokenizer) if vocab is None else cached_trained_tokenizer(cfg, vocab)
+    return _load_named(cfg) if vocab is None else cached_trained_tokenizer(cfg, vocab)
 
 
 def planned_vocab_size(cfg: "DataConfig") -> int:
@@ -136,7 +196,7 @@ def planned_vocab_size(cfg: "DataConfig") -> int:
     if ready is not None:
         return ready.vocab_size
     vocab = parse_train_spec(cfg.tokenizer)
-    return vocab if vocab is not None else load_tokenizer(cfg.tokenizer).vocab_size
+    return vocab if vocab is not None else _load_named(cfg).vocab_size
 
 
 def check_fingerprint(expected: str, tokenizer: TextTokenizer, what: str) -> None:
