@@ -110,9 +110,9 @@ class NonFiniteLoss(TrainingStopped):
 class Callback:
     """Hooks the trainer calls; records are plain dicts.
 
-    `on_step` runs after every optimizer step, on the hot path: keep it cheap (its record holds
-    step, max_steps, progress, eta_seconds, elapsed_seconds and, with a time budget,
-    train_seconds and max_time_seconds). `on_stop_requested` runs on a watcher thread the
+    `on_step` runs after every optimizer step (after `on_log` where the step logs), on the hot
+    path: keep it cheap (its record holds step, max_steps, progress, eta_seconds,
+    elapsed_seconds and, with a time budget, train_seconds and max_time_seconds). `on_stop_requested` runs on a watcher thread the
     moment SIGINT/SIGTERM arrives, while the main thread may be mid-step."""
 
     def on_fit_start(self, trainer: "Trainer") -> None: ...
@@ -365,8 +365,6 @@ class Trainer:
             clock.tick(self.step, now)
             step, last = self.step, self.step == cfg.max_steps or self.out_of_time
             where = self._where(clock, now - fit_start)  # wall clock only: no host sync
-            for hook in step_hooks:
-                hook(self, where)
             if step % self.log_every == 0 or last or step == start_step + 1:
                 # the one host sync per log interval (and, distributed, the mean over ranks)
                 loss_value = float(all_ranks_sum(loss.detach().float(), self.dist)) / self.dist.world_size
@@ -380,6 +378,8 @@ class Trainer:
                     cb.on_log(self, record)
                 self.check_finite()  # already synced: costs nothing here
                 interval_start, interval_tokens = time.perf_counter(), 0
+            for hook in step_hooks:  # after on_log: a display never shows a step with the previous step's stats
+                hook(self, where)
             pause_start = time.perf_counter()
             self._stop_if_requested()
             # Save before evaluating: an eval that crashes must not cost the steps since the last save.
