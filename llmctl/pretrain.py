@@ -21,7 +21,7 @@ from llmctl.data.batches import training_windows
 from llmctl.data.sources import check_sources
 from llmctl.data.store import open_store, prepare_store, store_path
 from llmctl.data.report import PrepareDisplay
-from llmctl.data.tokenizer import planned_vocab_size, resolve_tokenizer
+from llmctl.data.tokenizer import check_tokenizer_name, planned_vocab_size, resolve_tokenizer
 from llmctl.errors import ConfigError, LlmctlError
 from llmctl.evaluate import bits_per_byte, evaluate_tokens, stream_bytes
 from llmctl.model import Transformer
@@ -141,6 +141,7 @@ def _prepare_and_fit(cfg: Config, console: Console, phases: Phases, run_dir: Pat
                      device: torch.device, overwrite: bool, resume: bool, resume_command: str | None) -> dict[str, Any]:
     dtype = resolve_dtype(cfg.run.dtype, device)
     specs = check_sources(cfg.data.datasets)
+    check_tokenizer_name(cfg.data)  # a wrong path is one error line, with no phase line before it
     if not dist_info.is_main:
         barrier(dist_info)  # rank 0 trains the tokenizer / builds the store; the others then reuse it
     phases(f"loading the tokenizer {cfg.data.tokenizer} …")

@@ -68,29 +68,36 @@ class TextTokenizer:
         return cls(Tokenizer.from_str(state["json"]), int(state["eos_id"]), str(state.get("source", "checkpoint")))
 
 
+def tokenizer_folder(name: str) -> Path | None:
+    """The local folder a tokenizer name means, checked to hold tokenizer.json; None for a Hub
+    name. Cheap (no loading), so a wrong path fails before any slow work or display."""
+    path = Path(os.path.expanduser(name))
+    # A Hub id is NAME or ORG/NAME; anything that exists, or looks like a path, is local.
+    if not (path.exists() or name.startswith((".", "/", "~")) or name.strip("/").count("/") > 1):
+        return None
+    if not path.is_dir():
+        raise ConfigError(f"data.tokenizer: {name} is not a folder; give a folder with "
+                          f"tokenizer.json or a Hub name such as gpt2")
+    if not (path / "tokenizer.json").is_file():
+        raise ConfigError(f"data.tokenizer: {name} has no tokenizer.json; save one with "
+                          f"tokenizer.save_pretrained(folder) or give a Hub name such as gpt2")
+    return path
+
+
 def load_tokenizer(name: str) -> TextTokenizer:
     """A Hub tokenizer name (`gpt2`) or a local folder holding tokenizer.json."""
     if name.startswith("train:"):
         raise ConfigError(f"data.tokenizer '{name}' is trained from data.datasets; "
                           f"load it with resolve_tokenizer(cfg.data)")
-    path = Path(os.path.expanduser(name))
-    # A Hub id is NAME or ORG/NAME; anything that exists, or looks like a path, is local.
-    looks_local = path.exists() or name.startswith((".", "/", "~")) or name.strip("/").count("/") > 1
-    if looks_local:
-        if not path.is_dir():
-            raise ConfigError(f"data.tokenizer: {name} is not a folder; give a folder with "
-                              f"tokenizer.json or a Hub name such as gpt2")
-        if not (path / "tokenizer.json").is_file():
-            raise ConfigError(f"data.tokenizer: {name} has no tokenizer.json; save one with "
-                              f"tokenizer.save_pretrained(folder) or give a Hub name such as gpt2")
-    else:
+    path = tokenizer_folder(name)
+    if path is None:
         require_hub(f"tokenizer '{name}'", "set data.tokenizer to a local folder with tokenizer.json")
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     try:
-        tok = AutoTokenizer.from_pretrained(str(path) if looks_local else name)
+        tok = AutoTokenizer.from_pretrained(str(path) if path is not None else name)
     except (OSError, ValueError) as e:
         raise LlmctlError(f"cannot load tokenizer '{name}': {str(e).splitlines()[0]}") from None
     backend = getattr(tok, "backend_tokenizer", None)
@@ -116,6 +123,15 @@ def resolve_tokenizer(cfg: "DataConfig", on_status: Callable[[str], None] | None
 
     vocab = parse_train_spec(cfg.tokenizer)
     return load_tokenizer(cfg.tokenizer) if vocab is None else train_tokenizer(cfg, vocab, on_status)
+
+
+def check_tokenizer_name(cfg: "DataConfig") -> None:
+    """What `resolve_tokenizer` would refuse without loading anything: a malformed train:V, a
+    local folder that is missing or holds no tokenizer.json."""
+    from llmctl.data.bpe import parse_train_spec
+
+    if parse_train_spec(cfg.tokenizer) is None:
+        tokenizer_folder(cfg.tokenizer)
 
 
 def ready_tokenizer(cfg: "DataConfig") -> TextTokenizer | None:
