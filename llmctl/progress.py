@@ -63,7 +63,9 @@ def stop_notice(trainer: Trainer, signum: int) -> str:
     """The acknowledgement of a stop signal: what happens now, and how to skip it."""
     again = "Ctrl-C again to quit now" if signum == signal.SIGINT else "a second signal quits now"
     in_flight = trainer.in_flight  # read once: the main thread changes it
-    if trainer.evaluating and not trainer.dist.enabled:  # alone, an evaluation is abandoned at once
+    if trainer.dist.enabled:  # every process stops at the step they agree on, a step after the request
+        what = "stopping at the next step all processes agree on, then saving"
+    elif trainer.evaluating:  # alone, an evaluation is abandoned at once
         what = f"abandoning the evaluation (step {trainer.step} is saved)"
     elif in_flight is not None:
         what = f"finishing step {in_flight}, then saving"

@@ -28,7 +28,7 @@ from llmctl.cli import app
 from llmctl.config import ModelConfig, TrainConfig
 from llmctl.model import Transformer
 from llmctl.phases import Phases
-from llmctl.progress import ProgressCallback, RunLog
+from llmctl.progress import ProgressCallback, RunLog, stop_notice
 from llmctl.steptime import StepClock
 from llmctl.trainer import Callback, Trainer
 from small_runs import small_run_args
@@ -125,6 +125,18 @@ def test_the_bar_follows_every_optimizer_step_with_an_eta_from_the_first_on(tmp_
         else:  # an estimate as soon as one step's time is known
             assert eta != "-:--:--" and stats.startswith("loss "), (step, stats, eta)
     assert "first step …" in (tmp_path / "training.log").read_text()
+
+
+def test_the_stop_notice_says_what_happens_to_the_work_in_flight():
+    trainer = tiny_trainer([], max_steps=5)
+    trainer.step = 3
+    trainer.in_flight = 4
+    assert stop_notice(trainer, signal.SIGINT) == "SIGINT: finishing step 4, then saving — Ctrl-C again to quit now"
+    trainer.in_flight = None  # between steps: logging, saving
+    assert stop_notice(trainer, signal.SIGTERM) == "SIGTERM: stopping at step 3, then saving — a second signal quits now"
+    trainer.evaluating = True  # saved before it began; abandoned at once
+    assert stop_notice(trainer, signal.SIGINT) == ("SIGINT: abandoning the evaluation (step 3 is saved) — "
+                                                   "Ctrl-C again to quit now")
 
 
 # --------------------------------------------------------------------------- plain output of a real run
