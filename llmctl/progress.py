@@ -5,8 +5,9 @@ perplexity, lr, tokens/s, ETA and the last validation perplexity; otherwise plai
 Either way the same lines go to `training.log`. The bar's step, fraction and ETA follow every
 optimizer step (from the wall clock: no device sync); loss and the rest change at log steps.
 Until the first step completes it says so ("first step (compiles and warms up) …"), and a
-stop signal is acknowledged the moment it arrives ("finishing step N, then saving"). `MetricsCallback` appends one JSON object
-per logged step and per eval to `metrics.jsonl` for scripts and plots.
+stop signal is acknowledged the moment it arrives ("finishing step N, then saving").
+`MetricsCallback` appends one JSON object per logged step and per eval to `metrics.jsonl`
+for scripts and plots.
 
 On resume from step k, `metrics.jsonl` is cut back to what the checkpoint knew (records up
 to step k, and only the evaluations in its history) so that a crashed attempt's later

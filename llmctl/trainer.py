@@ -112,8 +112,9 @@ class Callback:
 
     `on_step` runs after every optimizer step (after `on_log` where the step logs), on the hot
     path: keep it cheap (its record holds step, max_steps, progress, eta_seconds,
-    elapsed_seconds and, with a time budget, train_seconds and max_time_seconds). `on_stop_requested` runs on a watcher thread the
-    moment SIGINT/SIGTERM arrives, while the main thread may be mid-step."""
+    elapsed_seconds and, with a time budget, train_seconds and max_time_seconds).
+    `on_stop_requested` runs on a watcher thread the moment SIGINT/SIGTERM arrives, while the
+    main thread may be mid-step."""
 
     def on_fit_start(self, trainer: "Trainer") -> None: ...
     def on_step(self, trainer: "Trainer", record: dict[str, Any]) -> None: ...
@@ -129,8 +130,7 @@ def _hooks(callbacks: Sequence[Any], name: str) -> list[Callable[..., None]]:
     """The callbacks' `name` methods, skipping the base class's no-ops (the per-step loop then
     calls only real work) and callbacks written without that hook."""
     base = getattr(Callback, name)
-    return [getattr(cb, name) for cb in callbacks
-            if getattr(type(cb), name, base) is not base and hasattr(cb, name)]
+    return [getattr(cb, name) for cb in callbacks if getattr(type(cb), name, base) is not base]
 
 
 class Trainer:

@@ -133,7 +133,8 @@ def test_the_stop_notice_says_what_happens_to_the_work_in_flight():
     trainer.in_flight = 4
     assert stop_notice(trainer, signal.SIGINT) == "SIGINT: finishing step 4, then saving — Ctrl-C again to quit now"
     trainer.in_flight = None  # between steps: logging, saving
-    assert stop_notice(trainer, signal.SIGTERM) == "SIGTERM: stopping at step 3, then saving — a second signal quits now"
+    assert stop_notice(trainer, signal.SIGTERM) == ("SIGTERM: stopping at step 3, then saving — "
+                                                    "a second signal quits now")
     trainer.evaluating = True  # saved before it began; abandoned at once
     assert stop_notice(trainer, signal.SIGINT) == ("SIGINT: abandoning the evaluation (step 3 is saved) — "
                                                    "Ctrl-C again to quit now")
@@ -240,7 +241,8 @@ def test_ctrl_c_on_a_terminal_is_acknowledged_within_the_step_and_a_second_one_q
         first_step_done = run.wait_for(r"step 1/1000 ")
         before = run.text(first_step_done)
         spinner = f"[{''.join(SPINNER)}]"
-        for phase in (r"loading the tokenizer \S+ …", r"tokenizing text:\S+ …", r"building the model \(3\.\dM parameters\) …"):
+        for phase in (r"loading the tokenizer \S+ …", r"tokenizing text:\S+ …",
+                      r"building the model \(3\.\dM parameters\) …"):
             assert re.search(f"{spinner} {phase}", before), phase  # a spinner, before step 1
         assert re.search(f"{spinner} tty pretrain [^\r]* step 0/1000 first step … eta -:--:--", before)
         run.wait_for(r"step [12]/1000 [^\r\n]* eta \d+:\d\d:\d\d")  # an ETA after one step
