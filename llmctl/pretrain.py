@@ -20,16 +20,17 @@ from llmctl.config import AUTO, Config
 from llmctl.data.batches import training_windows
 from llmctl.data.downloads import DownloadCheck, check_pretrain_downloads, pretrain_closing, require
 from llmctl.data.sources import check_sources
-from llmctl.data.store import prepare_store
+from llmctl.data.store import open_store, prepare_store, store_path
 from llmctl.data.report import PrepareDisplay
-from llmctl.data.tokenizer import planned_vocab_size, resolve_tokenizer
+from llmctl.data.tokenizer import check_tokenizer_name, planned_vocab_size, resolve_tokenizer
 from llmctl.errors import ConfigError, LlmctlError
 from llmctl.evaluate import bits_per_byte, evaluate_tokens, stream_bytes
 from llmctl.model import Transformer
 from llmctl.ngram import counts_for
+from llmctl.phases import Phases, approx_count
 from llmctl.resume import check_run_dir, check_same_data, find_resume_point
 from llmctl.runlock import hold_run_lock
-from llmctl.runtime import autocast, barrier, init_distributed, resolve_dtype, seed_everything
+from llmctl.runtime import DistInfo, autocast, barrier, init_distributed, resolve_dtype, seed_everything
 from llmctl.trackers import check_trackers
 from llmctl.stage import fit_stage, run_dir_of, say_to
 
@@ -82,9 +83,13 @@ def resolve_vocab(cfg: Config, tokenizer_vocab: int) -> Config:
     return cfg
 
 
-def make_plan(cfg: Config) -> Plan:
+def count_parameters(cfg: Config) -> int:
     with torch.device("meta"):  # shapes only: no memory, no init time
-        params = Transformer(cfg.model).num_parameters()
+        return Transformer(cfg.model).num_parameters()
+
+
+def make_plan(cfg: Config) -> Plan:
+    params = count_parameters(cfg)
     t = cfg.pretrain
     tokens_per_step = t.batch_size * cfg.train_seq_len(STAGE)
     return Plan(
@@ -146,19 +151,37 @@ def _pretrain(cfg: Config, console: Console, run_dir: Path, overwrite: bool, res
     dist_info, device = init_distributed(cfg.run.device, cfg.run.distributed)  # alone: rank 0 of 1
     if not dist_info.is_main:
         console = Console(quiet=True)  # one voice: rank 0 prints, logs and saves
+    with Phases(console) as phases:  # the spinner (or plain lines) until the first step
+        return _prepare_and_fit(cfg, console, phases, run_dir, dist_info, device, overwrite, resume,
+                                resume_command, prepare_command)
+
+
+def _prepare_and_fit(cfg: Config, console: Console, phases: Phases, run_dir: Path, dist_info: DistInfo,
+                     device: torch.device, overwrite: bool, resume: bool, resume_command: str | None,
+                     prepare_command: str | None) -> dict[str, Any]:
     dtype = resolve_dtype(cfg.run.dtype, device)
-    check_sources(cfg.data.datasets)
+    specs = check_sources(cfg.data.datasets)
+    check_tokenizer_name(cfg.data)  # a wrong path is one error line, with no phase line before it
     # Every download, before the slow work: one error names all that the Hub cannot give.
     require(check_pretrain_downloads(cfg.data), pretrain_closing(prepare_command))
     if not dist_info.is_main:
         barrier(dist_info)  # rank 0 trains the tokenizer / builds the store; the others then reuse it
-    tokenizer = resolve_tokenizer(cfg.data, lambda line: console.print(line, markup=False, highlight=False))
+    phases(f"loading the tokenizer {cfg.data.tokenizer} …")
+    tokenizer = resolve_tokenizer(cfg.data, lambda line: phases(f"{line} …"))  # training one (train:V) is a phase
     cfg = resolve_vocab(cfg, tokenizer.vocab_size)
+    if resume:
+        phases("reading the newest checkpoint to resume from …")
     point = find_resume_point(run_dir, STAGE, cfg, tokenizer) if resume else None  # before slow data work
     console.print(f"data: {', '.join(cfg.data.datasets)} with tokenizer {cfg.data.tokenizer}",
                   markup=False, highlight=False)
-    with PrepareDisplay(console) as show:  # builds (or resumes) the store when it is missing
-        store = prepare_store(cfg.data, tokenizer, show)
+    names = ", ".join(spec.raw for spec in specs)
+    if open_store(store_path(cfg.data, specs, tokenizer)) is not None:
+        phases(f"opening the token store of {names} …")
+        store = prepare_store(cfg.data, tokenizer)
+    else:
+        phases(f"tokenizing {names} …")
+        with phases.aside(), PrepareDisplay(console) as show:  # builds (or resumes) the store, with its own bars
+            store = prepare_store(cfg.data, tokenizer, show)
     if dist_info.is_main:
         barrier(dist_info)
     train_tokens, val_tokens = store.tokens("train"), store.tokens("validation")
@@ -171,10 +194,15 @@ def _pretrain(cfg: Config, console: Console, run_dir: Path, overwrite: bool, res
         check_same_data(point, data_meta)
 
     seed_everything(cfg.run.seed)
+    phases(f"building the model ({approx_count(count_parameters(cfg))} parameters) …")
     model = Transformer(cfg.model).to(device)
     counts = counts_for(cfg.model)  # n-grams mixed in at inference, never in training
+    if counts is not None:
+        phases(f"counting the n-grams of {approx_count(len(train_tokens))} training tokens …")
     counted = counts.to(device).fit(train_tokens) if counts is not None else 0
     auto_micro = cfg.pretrain.micro_batch_size == AUTO
+    if auto_micro:
+        phases("choosing the micro-batch (the largest that fits) …")
     cfg = with_micro_batch(cfg, STAGE, model, device, dtype, dist_info, point.state["config"] if point else None)
     batches = training_windows(store, cfg.data.weights, seq_len, cfg.pretrain.micro_batch_size,
                                cfg.run.seed)
@@ -207,7 +235,7 @@ def _pretrain(cfg: Config, console: Console, run_dir: Path, overwrite: bool, res
                      f"{cfg.model.cache_weight}); validation scores the network alone and with them")
     return fit_stage(cfg, STAGE, console, model=model, batches=batches, evaluate=evaluate, tokenizer=tokenizer,
                      data_meta=data_meta, device=device, dtype=dtype, point=point, intro=intro,
-                     overwrite=overwrite, resume_command=resume_command, dist_info=dist_info,
+                     overwrite=overwrite, resume_command=resume_command, dist_info=dist_info, phases=phases,
                      checkpoint_extra={"counts": counts.state_dict()} if counts is not None else None)
 
 

@@ -17,7 +17,8 @@ import os
 import random
 import signal
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -144,17 +145,23 @@ def set_rng_state(state: dict) -> None:
 # --------------------------------------------------------------------------- stop signals
 
 _PARTIAL_FILES: set[str] = set()
+# Held while the registry changes, and for good by a forced exit: a file is never registered
+# (and so never begun) after the exit has deleted the registered ones. Re-entrant, because the
+# main thread's signal handler may run while that thread is inside `partial_file`.
+_PARTIAL_LOCK = threading.RLock()
 
 
 @contextlib.contextmanager
 def partial_file(path: str | os.PathLike) -> Iterator[None]:
     """Mark a temporary file being written, so a forced exit deletes it instead of leaving half a file."""
     key = os.fspath(path)
-    _PARTIAL_FILES.add(key)
+    with _PARTIAL_LOCK:
+        _PARTIAL_FILES.add(key)
     try:
         yield
     finally:
-        _PARTIAL_FILES.discard(key)
+        with _PARTIAL_LOCK:
+            _PARTIAL_FILES.discard(key)
 
 
 class StopRequested(BaseException):
@@ -180,14 +187,24 @@ class StopSignals:
     the files registered with `partial_file`, prints one line and calls `os._exit(128 + signum)`
     without running any more Python code that could write. Handlers are installed only in
     the main thread (the only place Python delivers signals) and restored on exit.
+
+    Python runs a handler only between bytecodes of the main thread, so while that thread is
+    inside one long native call (a backward pass is one) the handler waits for it to return.
+    `on_request(signum)` is therefore called from a watcher thread that the interpreter's
+    C-level handler wakes at once (`signal.set_wakeup_fd`): it acknowledges the first signal
+    the moment it arrives, and the watcher also carries out a second one while the main
+    thread is still busy (unless a registered file is being written: the main thread's
+    handler, which then runs between its writes, deletes it first).
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self) -> None:
+    def __init__(self, on_request: Callable[[int], None] | None = None) -> None:
         self.signum: int | None = None
+        self.on_request = on_request
         self._previous: dict[int, object] = {}
         self._interruptible = False
+        self._watcher: SignalWatcher | None = None
 
     @property
     def requested(self) -> bool:
@@ -197,9 +214,13 @@ class StopSignals:
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
+            self._watcher = SignalWatcher.start(self.SIGNALS, self._acknowledge)
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self._watcher is not None:
+            self._watcher.stop()
+            self._watcher = None
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)  # type: ignore[arg-type]
         self._previous.clear()
@@ -215,9 +236,19 @@ class StopSignals:
         finally:
             self._interruptible = False
 
+    def _acknowledge(self, signum: int, count: int) -> None:
+        """The watcher thread's part: announce the first signal, carry out a second."""
+        if count >= 2:
+            force_exit(signum, wait_for_writes=True)
+        elif self.on_request is not None:
+            with contextlib.suppress(Exception):  # a display failing must not lose the stop itself
+                self.on_request(signum)
+
     def _handle(self, signum: int, frame: object) -> None:
         if self.signum is None:
             self.signum = signum
+            if self._watcher is None:  # no watcher (no wakeup fd here): announce from the handler
+                self._acknowledge(signum, 1)
             if self._interruptible:
                 self._interruptible = False
                 raise StopRequested(signum)
@@ -225,13 +256,76 @@ class StopSignals:
         force_exit(signum)
 
 
-def force_exit(signum: int) -> None:
-    """Delete half-written files and leave now: the second Ctrl-C must not wait for anything."""
+class SignalWatcher:
+    """A daemon thread woken by the interpreter's C-level signal handler through a pipe
+    (`signal.set_wakeup_fd`), so it sees a signal within milliseconds whatever the main thread
+    is doing; it calls `react(signum, count)` for each of `signals` (count = how many so far)."""
+
+    def __init__(self, signals: tuple[int, ...], react: Callable[[int, int], None]):
+        self.signals = set(signals)
+        self.react = react
+        self.read_fd, self.write_fd = os.pipe()
+        os.set_blocking(self.write_fd, False)  # the C handler must never block on a full pipe
+        self.previous_fd = signal.set_wakeup_fd(self.write_fd)
+        self.count = 0
+        self.thread = threading.Thread(target=self._run, name="llmctl-signal-watcher", daemon=True)
+        self.thread.start()
+
+    @classmethod
+    def start(cls, signals: tuple[int, ...], react: Callable[[int, int], None]) -> "SignalWatcher | None":
+        """A running watcher, or None where a wakeup fd cannot be a pipe (Windows)."""
+        try:
+            return cls(signals, react)
+        except (ValueError, OSError):
+            return None
+
+    def _run(self) -> None:
+        while True:
+            try:
+                received = os.read(self.read_fd, 64)
+            except OSError:
+                return
+            if not received:
+                return
+            for signum in received:
+                if signum == 0:  # stop() wakes the thread with a zero byte
+                    return
+                if self.previous_fd >= 0:  # whoever had the wakeup fd before still hears of it
+                    with contextlib.suppress(OSError):
+                        os.write(self.previous_fd, bytes([signum]))
+                if signum in self.signals:
+                    self.count += 1
+                    self.react(signum, self.count)
+
+    def stop(self) -> None:
+        signal.set_wakeup_fd(self.previous_fd)
+        with contextlib.suppress(OSError):
+            os.write(self.write_fd, b"\0")
+        self.thread.join(timeout=5)
+        for fd in (self.read_fd, self.write_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def force_exit(signum: int, wait_for_writes: bool = False) -> None:
+    """Delete half-written files and leave now: the second Ctrl-C must not wait for anything.
+
+    From a thread other than the one writing (`wait_for_writes`), a registered file being
+    written is first let finish (the main thread's handler, which runs between its writes, may
+    delete it and exit sooner): deleting it under the writer could let the writer create it
+    again before the exit. The lock is then kept, so no new file is begun."""
+    _PARTIAL_LOCK.acquire()
+    while wait_for_writes and _PARTIAL_FILES:
+        _PARTIAL_LOCK.release()
+        time.sleep(0.01)
+        _PARTIAL_LOCK.acquire()
     for path in list(_PARTIAL_FILES):
         with contextlib.suppress(OSError):
             os.unlink(path)
     message = (f"\nsecond {signal_name(signum)}: stopped at once without saving; the newest complete "
                f"checkpoint is untouched (continue with --resume)\n")
+    if os.isatty(2):
+        message = "\x1b[?25h" + message  # a live display hides the cursor; give it back
     with contextlib.suppress(OSError):
         os.write(2, message.encode())
     os._exit(128 + signum)

@@ -44,8 +44,8 @@ from rich.console import Console
 
 from llmctl.autobatch import with_micro_batch
 from llmctl.checkpoint import load_checkpoint, resolve_checkpoint, step_checkpoints
-from llmctl.config import (Config, config_from_dict, find_preset, load_config, parse_override, read_toml, validate,
-                           with_overrides)
+from llmctl.config import (AUTO, Config, config_from_dict, find_preset, load_config, parse_override, read_toml,
+                           validate, with_overrides)
 from llmctl.cross_entropy import IGNORE_INDEX
 from llmctl.data.batches import Example, ExampleBatches
 from llmctl.data.downloads import check_sft_downloads, require
@@ -56,10 +56,11 @@ from llmctl.errors import ConfigError, LlmctlError
 from llmctl.evaluate import evaluate_examples
 from llmctl.model import Transformer
 from llmctl.ngram import counts_for
+from llmctl.phases import Phases, approx_count
 from llmctl.resume import check_run_dir, check_same_data, find_resume_point
 from llmctl.stage import fit_stage, run_dir_of, say_to
 from llmctl.runlock import hold_run_lock
-from llmctl.runtime import autocast, init_distributed, resolve_dtype, seed_everything
+from llmctl.runtime import DistInfo, autocast, init_distributed, resolve_dtype, seed_everything
 from llmctl.trainer import Callback, Trainer
 
 STAGE = "sft"
@@ -279,25 +280,35 @@ def _sft(cfg: Config, base: Base, console: Console, run_dir: Path, overwrite: bo
     dist_info, device = init_distributed(cfg.run.device, cfg.run.distributed)  # alone: rank 0 of 1
     if not dist_info.is_main:
         console = Console(quiet=True)  # one voice: rank 0 prints, logs and saves
+    with Phases(console) as phases:  # the spinner (or plain lines) until the first step
+        return _prepare_and_fit(cfg, base, console, phases, run_dir, dist_info, device, overwrite, resume,
+                                resume_command)
+
+
+def _prepare_and_fit(cfg: Config, base: Base, console: Console, phases: Phases, run_dir: Path, dist_info: DistInfo,
+                     device: torch.device, overwrite: bool, resume: bool, resume_command: str | None) -> dict[str, Any]:
     dtype = resolve_dtype(cfg.run.dtype, device)
     tokenizer, template = base.tokenizer, base.template
+    if resume:
+        phases("reading the newest checkpoint to resume from …")
     point = find_resume_point(run_dir, STAGE, cfg, tokenizer) if resume else None
     if point is not None and "template" in point.state:
         template = ChatTemplate.from_state(point.state["template"])  # what this run has trained with
-    say = lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
     # Every Hub dataset, before reading any: one error names all that the Hub cannot give.
     require(check_sft_downloads(cfg.sft.datasets, ["--checkpoint", str(base.path)]))
-    say(f"data: reading {', '.join(cfg.sft.datasets)} (format {cfg.sft.format})")
+    phases(f"data: reading {', '.join(cfg.sft.datasets)} (format {cfg.sft.format}) …")
     data = load_sft_data(cfg.sft.datasets, cfg.sft.format, cfg.sft.validation_fraction)
     if not data.train or not data.validation:
         raise LlmctlError(f"sft.datasets gave {len(data.train)} training and {len(data.validation)} held-out "
                           f"conversations; SFT needs at least 2 usable records (check the files and caps)")
     max_len = cfg.train_seq_len(STAGE)
+    phases(f"tokenizing {len(data.train) + len(data.validation):,} conversations …")
     train = encode_examples(data.train, template, tokenizer, max_len)
     validation = encode_examples(data.validation, template, tokenizer, max_len)
     truncated = sum(e.truncated for e in train)
     if truncated * 5 > len(train):
-        say(truncation_warning(truncated, len(train), max_len, cfg))
+        console.print(truncation_warning(truncated, len(train), max_len, cfg), markup=False, highlight=False,
+                      soft_wrap=True)
     meta = {"sources": data.sources,
             "tokens": {"train": sum(len(e.input_ids) for e in train),
                        "validation": sum(len(e.input_ids) for e in validation)},
@@ -306,6 +317,9 @@ def _sft(cfg: Config, base: Base, console: Console, run_dir: Path, overwrite: bo
         check_same_data(point, meta)
 
     seed_everything(cfg.run.seed)
+    with torch.device("meta"):  # shapes only, for the phase line
+        parameters = Transformer(cfg.model).num_parameters()
+    phases(f"building the model ({approx_count(parameters)} parameters) from {base.path.name} …")
     model = Transformer(cfg.model)
     if point is None:
         try:
@@ -317,7 +331,10 @@ def _sft(cfg: Config, base: Base, console: Console, run_dir: Path, overwrite: bo
     model.to(device)
     counts = counts_for(cfg.model)  # n-grams of the text it is tuned on now, conversations end to end
     if counts is not None:
+        phases(f"counting the n-grams of {approx_count(meta['tokens']['train'])} training tokens …")
         counts.to(device).fit(np.concatenate([np.asarray(e.input_ids, dtype=np.int64) for e in train]))
+    if cfg.sft.micro_batch_size == AUTO:
+        phases("choosing the micro-batch (the largest that fits) …")
     cfg = with_micro_batch(cfg, STAGE, model, device, dtype, dist_info, point.state["config"] if point else None)
     batches = ExampleBatches(train, cfg.sft.micro_batch_size, tokenizer.eos_id, cfg.run.seed)
     eval_batch = cfg.eval_batch_size(STAGE)
@@ -352,7 +369,7 @@ def _sft(cfg: Config, base: Base, console: Console, run_dir: Path, overwrite: bo
                         resume_command=resume_command, seq_len=mean_len,
                         checkpoint_extra={"template": template.to_state(),
                                           **({"counts": counts.state_dict()} if counts is not None else {})},
-                        callbacks=callbacks, dist_info=dist_info)
+                        callbacks=callbacks, dist_info=dist_info, phases=phases)
     summary.update(examples=len(train), held_out=len(validation), truncated=truncated, skipped=data.skipped,
                    samples=samples[0].last if samples else [], base=str(base.path))
     return summary

@@ -15,6 +15,7 @@ from llmctl.atomic import write_text_atomic
 from llmctl.config import Config
 from llmctl.data.batches import BatchSource
 from llmctl.data.tokenizer import TextTokenizer
+from llmctl.phases import Phases
 from llmctl.progress import MetricsCallback, ProgressCallback, RunLog
 from llmctl.resume import ResumePoint
 from llmctl.retention import CheckpointCallback
@@ -38,7 +39,7 @@ def fit_stage(cfg: Config, stage: str, console: Console, *, model: torch.nn.Modu
               overwrite: bool = False, resume_command: str | None = None, seq_len: int | None = None,
               checkpoint_extra: dict[str, Any] | None = None,
               callbacks: Callable[[Callable[[str], None]], list[Callback]] | None = None,
-              dist_info: DistInfo | None = None) -> dict[str, Any]:
+              dist_info: DistInfo | None = None, phases: Phases | None = None) -> dict[str, Any]:
     """What every training stage (pretrain, sft) shares from its first write on: the run
     directory (deleted first with `overwrite`), config.toml, the progress display and
     training.log, metrics.jsonl, `<run>-<stage>_*.pt` checkpoints (plus `checkpoint_extra`
@@ -47,8 +48,11 @@ def fit_stage(cfg: Config, stage: str, console: Console, *, model: torch.nn.Modu
     the run's lock (`llmctl.runlock.hold_run_lock`; rank 0 only under torchrun).
 
     `callbacks(say)` adds stage-specific callbacks that write through the progress display;
-    `seq_len` is the tokens one sequence counts for (default the context length)."""
+    `seq_len` is the tokens one sequence counts for (default the context length). `phases`,
+    the spinner of the stage's preparation, goes on until training starts, and training.log
+    gets its lines."""
     dist_info = dist_info or DistInfo()
+    phases = phases or Phases(console)
     train_cfg = getattr(cfg, stage)
     run_dir = run_dir_of(cfg)
     check_trackers(cfg.run.report_to)
@@ -65,6 +69,7 @@ def fit_stage(cfg: Config, stage: str, console: Console, *, model: torch.nn.Modu
                                 title=f"{cfg.run.name} {stage}")
     if lock is not None and lock.note:
         progress.log.write(lock.note)  # the console had it when the lock was taken; the log keeps it
+    phases.log_to(progress.log.write)  # the phases so far were shown before this log existed
     checkpoints = CheckpointCallback(run_dir, cfg, stage, tokenizer, data_meta, train_cfg.keep_last,
                                      extra=checkpoint_extra)
     reporting = Reporting(cfg, run_dir, stage, progress.say, progress.log.write)  # status.json, trackers, loss.png
@@ -75,6 +80,7 @@ def fit_stage(cfg: Config, stage: str, console: Console, *, model: torch.nn.Modu
                       compile=resolve_compile(cfg.run.compile, device),
                       callbacks=own if dist_info.is_main else [], dist=dist_info)
     if point is not None:
+        phases(f"restoring the training state of {point.path.name} …")
         trainer.load_state_dict(point.state)
         checkpoints.last_path = point.path
         point.state.clear()  # free the loaded tensors: the trainer holds its own copy now
@@ -84,6 +90,7 @@ def fit_stage(cfg: Config, stage: str, console: Console, *, model: torch.nn.Modu
         progress.say(f"resumed from {point.path.name} at step {trainer.step} ({trainer.tokens_seen:,} tokens seen)")
         for note in point.notes:
             progress.say(note)
+    phases.stop()  # the progress bar takes over from here (Rich shows one live display at a time)
     try:
         with reporting.watch(trainer):  # a stop or crash is recorded in status.json too
             summary = trainer.fit()

@@ -27,8 +27,12 @@ Stopping safely, for every stage alike:
   only the loss is watched there.
 - Signals: inside `fit()` SIGINT/SIGTERM ask for a stop (`runtime.StopSignals`); the step in
   flight completes, a checkpoint of that step is saved and `TrainingInterrupted` (exit code
-  130 / 143) is raised. An evaluation is abandoned at once (it changes no state). Distributed,
-  every rank stops at the same step, one step after the request is seen.
+  130 / 143) is raised. An evaluation is abandoned at once (it changes no state). Callbacks
+  hear of the request the moment it arrives (`on_stop_requested`, from a watcher thread), not
+  when the step in flight ends. Distributed, every rank stops at the same step, one step after
+  the request is seen.
+- Display: `on_step` follows every optimizer step with what the wall clock alone tells (step,
+  fraction done, ETA from `steptime.StepClock`); no host sync, so it costs the device nothing.
 - Random streams: each rank draws its own dropout masks (rank 0 the stream one process would
   draw); checkpoints hold every rank's RNG state, so a distributed run resumes exactly too.
 """
@@ -52,6 +56,7 @@ from llmctl.data.batches import BatchSource, RankShard
 from llmctl.optim import build_optimizers, lr_at
 from llmctl.runtime import (DistInfo, RankAgreement, StopRequested, StopSignals, all_ranks_sum, autocast,
                             gather_to_all, rng_state, set_rng_state, signal_name, split_rng_stream)
+from llmctl.steptime import StepClock
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -103,13 +108,29 @@ class NonFiniteLoss(TrainingStopped):
 
 
 class Callback:
-    """Hooks the trainer calls; records are plain dicts."""
+    """Hooks the trainer calls; records are plain dicts.
+
+    `on_step` runs after every optimizer step (after `on_log` where the step logs), on the hot
+    path: keep it cheap (its record holds step, max_steps, progress, eta_seconds,
+    elapsed_seconds and, with a time budget, train_seconds and max_time_seconds).
+    `on_stop_requested` runs on a watcher thread the moment SIGINT/SIGTERM arrives, while the
+    main thread may be mid-step."""
 
     def on_fit_start(self, trainer: "Trainer") -> None: ...
+    def on_step(self, trainer: "Trainer", record: dict[str, Any]) -> None: ...
     def on_log(self, trainer: "Trainer", record: dict[str, Any]) -> None: ...
+    def on_eval_start(self, trainer: "Trainer") -> None: ...
     def on_eval(self, trainer: "Trainer", record: dict[str, Any]) -> None: ...
     def on_save(self, trainer: "Trainer", final: bool) -> None: ...
+    def on_stop_requested(self, trainer: "Trainer", signum: int) -> None: ...
     def on_fit_end(self, trainer: "Trainer", summary: dict[str, Any]) -> None: ...
+
+
+def _hooks(callbacks: Sequence[Any], name: str) -> list[Callable[..., None]]:
+    """The callbacks' `name` methods, skipping the base class's no-ops (the per-step loop then
+    calls only real work) and callbacks written without that hook."""
+    base = getattr(Callback, name)
+    return [getattr(cb, name) for cb in callbacks if getattr(type(cb), name, base) is not base]
 
 
 class Trainer:
@@ -171,6 +192,8 @@ class Trainer:
         self._saved_step = -1  # the step of the newest checkpoint written by this fit
         self.save_reason = "schedule"  # why the save in progress happens (see save())
         self.stop: StopSignals | None = None
+        self.in_flight: int | None = None  # the step being computed now, for a stop notice
+        self.evaluating = False
         # Distributed: stop requests and rank 0's clock are agreed without a per-step host sync.
         self._agreement = RankAgreement() if self.dist.enabled else None
         self._stop_agreed = False
@@ -260,6 +283,11 @@ class Trainer:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
         return loss.detach()
 
+    @property
+    def compiles_first_step(self) -> bool:
+        """The next step compiles the model first (torch.compile is lazy)."""
+        return self._compile_pending
+
     def progress(self) -> float | None:
         """Fraction of a time-budgeted run done (time or steps, whichever is further); None
         without max_time, so the LR schedule stays a pure function of the step."""
@@ -301,7 +329,7 @@ class Trainer:
         self.model.train()
         for cb in self.callbacks:
             cb.on_fit_start(self)
-        with StopSignals() as self.stop:
+        with StopSignals(on_request=self._announce_stop) as self.stop:
             try:
                 summary = self._loop()
             finally:
@@ -319,40 +347,39 @@ class Trainer:
         fit_start = time.perf_counter()
         clock_start = fit_start - self.train_seconds  # the budget counts the time spent before a resume
         start_step = self.step
+        step_hooks = _hooks(self.callbacks, "on_step")
         self._tick(clock_start, wait=True)
         if self._eval_pending():  # saved at an eval step, but that evaluation never finished
             self._eval_or_stop()
         self._stop_if_requested()
+        clock = StepClock(self.step, time.perf_counter())
         while self.step < cfg.max_steps and not self.out_of_time:
             lr = lr_at(self.step, cfg, self.progress())
+            self.in_flight = self.step + 1
             loss, grad_norm = self.train_step()
+            self.in_flight = None
             self._watch(loss, grad_norm)
             interval_tokens += cfg.batch_size * self.seq_len
             self._tick(clock_start)
+            now = time.perf_counter()
+            clock.tick(self.step, now)
             step, last = self.step, self.step == cfg.max_steps or self.out_of_time
+            where = self._where(clock, now - fit_start)  # wall clock only: no host sync
             if step % self.log_every == 0 or last or step == start_step + 1:
-                now = time.perf_counter()
                 # the one host sync per log interval (and, distributed, the mean over ranks)
                 loss_value = float(all_ranks_sum(loss.detach().float(), self.dist)) / self.dist.world_size
-                steps_left = cfg.max_steps - step
-                per_step = (now - fit_start) / max(1, step - start_step)
-                eta = steps_left * per_step
-                if self.max_time:
-                    eta = min(eta, max(0.0, self.max_time - self.train_seconds))
                 record = {
-                    "step": step, "max_steps": cfg.max_steps, "loss": loss_value,
+                    **where, "loss": loss_value,
                     "perplexity": math.exp(min(loss_value, 700.0)), "lr": lr,
                     "grad_norm": float(grad_norm), "tokens": self.tokens_seen,
                     "tokens_per_sec": interval_tokens / max(now - interval_start, 1e-9),
-                    "eta_seconds": eta, "elapsed_seconds": now - fit_start,
-                    "progress": self.progress() if self.max_time else step / cfg.max_steps,
                 }
-                if self.max_time:  # the time budget, not max_steps, is the run's length
-                    record.update(train_seconds=self.train_seconds, max_time_seconds=self.max_time)
                 for cb in self.callbacks:
                     cb.on_log(self, record)
                 self.check_finite()  # already synced: costs nothing here
                 interval_start, interval_tokens = time.perf_counter(), 0
+            for hook in step_hooks:  # after on_log: a display never shows a step with the previous step's stats
+                hook(self, where)
             pause_start = time.perf_counter()
             self._stop_if_requested()
             # Save before evaluating: an eval that crashes must not cost the steps since the last save.
@@ -360,6 +387,8 @@ class Trainer:
                 self.save(final=False)
             if (step % cfg.eval_every == 0 or last) and self.evaluate_fn is not None:
                 self._eval_or_stop()
+            if not last:
+                self._stop_if_requested()  # asked during the save: stop here, not after one more step
             interval_start += time.perf_counter() - pause_start  # tokens/s counts training time only
         self._tick(clock_start, wait=True)
         summary = {"step": self.step, "tokens": self.tokens_seen,
@@ -370,6 +399,23 @@ class Trainer:
                    "best": self.best}
         self.save(final=True)
         return summary
+
+    def _where(self, clock: StepClock, elapsed: float) -> dict[str, Any]:
+        """Where the run is after a step: what `on_step` gets and every log record starts with."""
+        cfg = self.cfg
+        eta = clock.eta(cfg.max_steps - self.step)
+        if eta is not None and self.max_time:
+            eta = min(eta, max(0.0, self.max_time - self.train_seconds))
+        where = {"step": self.step, "max_steps": cfg.max_steps, "eta_seconds": eta, "elapsed_seconds": elapsed,
+                 "progress": self.progress() if self.max_time else self.step / cfg.max_steps}
+        if self.max_time:  # the time budget, not max_steps, is the run's length
+            where.update(train_seconds=self.train_seconds, max_time_seconds=self.max_time)
+        return where
+
+    def _announce_stop(self, signum: int) -> None:
+        """From the signal watcher thread, the moment a stop is asked for."""
+        for hook in _hooks(self.callbacks, "on_stop_requested"):
+            hook(self, signum)
 
     def _eval_pending(self) -> bool:
         due = self.step > 0 and (self.step % self.cfg.eval_every == 0 or self.step == self.cfg.max_steps
@@ -449,7 +495,13 @@ class Trainer:
         self._saved_step = self.step
 
     def run_eval(self) -> dict[str, Any]:
-        result = self.evaluate_fn()
+        for hook in _hooks(self.callbacks, "on_eval_start"):
+            hook(self)
+        self.evaluating = True
+        try:
+            result = self.evaluate_fn()
+        finally:
+            self.evaluating = False
         best = self.best
         record = {"step": self.step, "tokens": self.tokens_seen, "val_loss": result["loss"],
                   "val_perplexity": result["perplexity"], "val_tokens": result["tokens"],

@@ -1,8 +1,11 @@
-"""Ctrl-C and SIGTERM during `llmctl pretrain`: a checkpoint of the current step, the command
-to resume, exit code 130 / 143; a second Ctrl-C exits at once and leaves no partial file.
+"""Ctrl-C and SIGTERM during `llmctl pretrain`: acknowledged at once, a checkpoint of the
+current step, the command to resume, exit code 130 / 143; a second Ctrl-C exits at once and
+leaves no partial file.
 
 Real subprocesses on Tiny Shakespeare with the GPT-2 tokenizer, signalled once training has
-visibly started; then the printed resume command is run and must continue exactly.
+visibly started; then the printed resume command is run and must continue exactly. The
+acknowledgement must not wait for the main thread, which may be inside one long native call
+(a backward pass): that part is checked on such a call directly.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typer.testing import CliRunner
 from conftest import PYTHON
 from llmctl.checkpoint import load_checkpoint
 from llmctl.cli import app
+from llmctl.runtime import StopSignals
 
 
 @pytest.fixture(scope="module")
@@ -82,12 +86,18 @@ def test_signal_saves_the_current_step_and_prints_how_to_resume(sig, code, tmp_p
     assert last.startswith(f"error: stopped by {sig.name} at step ") and "Traceback" not in stderr
     step = int(last.split(" at step ")[1].split(";")[0])
     assert step >= 1
+    # piped: the acknowledgement is one plain line, printed before the stop, naming the step it stops at
+    again = "Ctrl-C again to quit now" if sig == signal.SIGINT else "a second signal quits now"
+    notices = [line for line in stderr.splitlines() if line.startswith(f"{sig.name}: ")]
+    assert notices in ([f"{sig.name}: finishing step {step}, then saving — {again}"],
+                       [f"{sig.name}: stopping at step {step}, then saving — {again}"]), stderr
     run_dir = tmp_path / "experiments" / "runs" / "sig"
     saved = run_dir / f"sig-pretrain_step{step}.pt"
     assert f"saved {saved.relative_to(tmp_path)}" in last
     assert load_checkpoint(saved)["step"] == step
     assert not [p for p in run_dir.iterdir() if p.name.endswith(".tmp")]
     assert f"stopped by {sig.name}" in (run_dir / "training.log").read_text()
+    assert notices[0] in (run_dir / "training.log").read_text()
     if sig != signal.SIGINT:
         return
 
@@ -128,6 +138,72 @@ def test_second_ctrl_c_exits_at_once_without_a_partial_file(tmp_path, cache, sha
     assert not [p for p in run_dir.iterdir() if p.name.endswith(".tmp")]
     for checkpoint in run_dir.glob("*.pt"):  # whatever was written is complete
         load_checkpoint(checkpoint)
+
+
+# A loss whose backward pass is one native call of about SECONDS, calibrated on this machine
+# (the backward of a warmed-up 20-layer chain, then as many layers as fill the time).
+LONG_BACKWARD = """
+import time, torch
+torch.set_num_threads(1)
+w = torch.randn(384, 384) / 384 ** 0.5
+x = torch.randn(384, 384, requires_grad=True)
+def chain(depth):
+    y = x
+    for _ in range(depth):
+        y = torch.tanh(y @ w)
+    return y.sum()
+chain(20).backward()
+sample = chain(20)
+start = time.perf_counter()
+sample.backward()
+per_layer = (time.perf_counter() - start) / 20
+loss = chain(max(20, int(SECONDS / per_layer)))
+"""
+
+
+def test_a_signal_is_acknowledged_at_once_while_the_main_thread_is_in_one_long_native_call():
+    # Python runs its own handler only when the main thread is back between bytecodes: after
+    # the whole backward pass. The acknowledgement must not wait for that.
+    scope: dict = {}
+    exec(LONG_BACKWARD.replace("SECONDS", "1.0"), scope)
+    heard: dict[str, float] = {}
+
+    def send() -> None:
+        heard["sent"] = time.monotonic()
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threads = torch.get_num_threads()
+    try:
+        with StopSignals(on_request=lambda signum: heard.setdefault("acknowledged", time.monotonic())) as stop:
+            threading.Timer(0.2, send).start()
+            scope["loss"].backward()
+            returned = time.monotonic()
+            assert stop.requested and stop.signum == signal.SIGINT
+    finally:
+        torch.set_num_threads(threads)
+    assert returned - heard["sent"] > 0.3  # the main thread was busy long after the signal...
+    assert heard["acknowledged"] - heard["sent"] < 0.1  # ...and the acknowledgement did not wait
+
+
+def test_a_second_signal_quits_inside_one_long_native_call():
+    script = LONG_BACKWARD.replace("SECONDS", "2.5") + (
+        "import os, signal, threading\n"
+        "from llmctl.runtime import StopSignals\n"
+        "def twice():\n"
+        "    print('sent', time.time(), flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGINT); time.sleep(0.05); os.kill(os.getpid(), signal.SIGINT)\n"
+        "with StopSignals():\n"
+        "    threading.Timer(0.2, twice).start()\n"
+        "    loss.backward()\n"
+        "    print('the backward pass returned', flush=True)\n"
+    )
+    result = subprocess.run([PYTHON, "-c", script], capture_output=True, text=True, timeout=120)
+    ended = time.time()
+    assert result.returncode == 130, result.stderr
+    assert "second SIGINT: stopped at once without saving" in result.stderr
+    assert "returned" not in result.stdout  # it did not wait for the backward pass
+    sent = float(result.stdout.split("sent ", 1)[1].split()[0])
+    assert ended - sent < 1.0  # the backward pass had more than 2 s left
 
 
 def test_forced_exit_deletes_the_file_being_written(tmp_path):

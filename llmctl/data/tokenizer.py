@@ -77,6 +77,21 @@ def is_hub_name(name: str) -> bool:
     return not (path.exists() or name.startswith((".", "/", "~")) or name.strip("/").count("/") > 1)
 
 
+def tokenizer_folder(name: str) -> Path | None:
+    """The local folder a tokenizer name means, checked to hold tokenizer.json; None for a Hub
+    name. Cheap (no loading), so a wrong path fails before any slow work or display."""
+    if is_hub_name(name):
+        return None
+    path = Path(os.path.expanduser(name))
+    if not path.is_dir():
+        raise ConfigError(f"data.tokenizer: {name} is not a folder; give a folder with "
+                          f"tokenizer.json or a Hub name such as gpt2")
+    if not (path / "tokenizer.json").is_file():
+        raise ConfigError(f"data.tokenizer: {name} has no tokenizer.json; save one with "
+                          f"tokenizer.save_pretrained(folder) or give a Hub name such as gpt2")
+    return path
+
+
 TOKENIZER_FIX = ("train one on the data with --set data.tokenizer=train:8192, or use a folder holding "
                  "tokenizer.json with --set data.tokenizer=FOLDER")
 
@@ -96,14 +111,7 @@ def load_tokenizer(name: str, llmctl_cache: Path | None = None) -> TextTokenizer
         found = cached_hub_tokenizer(name, llmctl_cache)
         require_hub(Missing(f"tokenizer '{name}'", TOKENIZER_FIX), cached=found is not None)
         return found
-    path = Path(os.path.expanduser(name))
-    if not path.is_dir():
-        raise ConfigError(f"data.tokenizer: {name} is not a folder; give a folder with "
-                          f"tokenizer.json or a Hub name such as gpt2")
-    if not (path / "tokenizer.json").is_file():
-        raise ConfigError(f"data.tokenizer: {name} has no tokenizer.json; save one with "
-                          f"tokenizer.save_pretrained(folder) or give a Hub name such as gpt2")
-    return _from_transformers(str(path), name)
+    return _from_transformers(str(tokenizer_folder(name)), name)
 
 
 def cached_hub_tokenizer(name: str, llmctl_cache: Path | None = None) -> TextTokenizer | None:
@@ -176,6 +184,15 @@ def resolve_tokenizer(cfg: "DataConfig", on_status: Callable[[str], None] | None
 
     vocab = parse_train_spec(cfg.tokenizer)
     return _load_named(cfg) if vocab is None else train_tokenizer(cfg, vocab, on_status)
+
+
+def check_tokenizer_name(cfg: "DataConfig") -> None:
+    """What `resolve_tokenizer` would refuse without loading anything: a malformed train:V, a
+    local folder that is missing or holds no tokenizer.json."""
+    from llmctl.data.bpe import parse_train_spec
+
+    if parse_train_spec(cfg.tokenizer) is None:
+        tokenizer_folder(cfg.tokenizer)
 
 
 def ready_tokenizer(cfg: "DataConfig") -> TextTokenizer | None:
