@@ -17,6 +17,8 @@ Three layers, each usable alone:
   is exactly the final text, streamed. Stop strings are not included in the result.
   For an SFT checkpoint the prompt is rendered with the chat template saved in it
   (`chat_prompt`), the same code that rendered the training data; `raw=True` opts out.
+  `complete_ids(...)` does the same on a prompt already encoded (a whole conversation, for
+  `llmctl chat`).
 """
 
 from __future__ import annotations
@@ -332,11 +334,19 @@ def complete(checkpoint_or_model: Any, prompt: str, *, on_text: Callable[[str], 
     if not isinstance(prompt, str) or not prompt:
         raise ConfigError("the prompt is empty; give some text to continue (--prompt TEXT or --prompt-file F)")
     loaded = _as_loaded(checkpoint_or_model, device, dtype)
-    seed = params.seed if params.seed is not None else int(torch.seed() % 2**31)
-    generator = torch.Generator().manual_seed(seed)
     prompt_ids, template = chat_prompt(loaded, prompt, raw)
+    return complete_ids(loaded, prompt_ids, params, template=template, on_text=on_text, use_cache=use_cache)
+
+
+def complete_ids(loaded: "LoadedModel", prompt_ids: list[int], params: Sampling, *, template: Any = None,
+                 on_text: Callable[[str], None] | None = None, use_cache: bool = True) -> Completion:
+    """`complete` on a prompt already encoded: a conversation rendered by `template` (a
+    `ChatTemplate`, whose reply lead is stripped and whose next user turn stops the reply) or,
+    with `template=None`, plain text. `llmctl chat` renders whole conversations this way."""
     if not prompt_ids:
         raise ConfigError("the prompt encodes to no tokens; give some text to continue")
+    seed = params.seed if params.seed is not None else int(torch.seed() % 2**31)
+    generator = torch.Generator().manual_seed(seed)
     decoder = IncrementalDecoder(loaded.tokenizer, prompt_ids)
     stops = StopFilter(params.stop)
     lead = LeadStrip("")
