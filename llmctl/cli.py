@@ -346,30 +346,40 @@ def eval_command(
         print_whole(table)
 
 
+# Sampling options shared by generate and chat (the defaults are Sampling's, repeated in each signature).
+MaxNewTokensOption = Annotated[int, typer.Option(
+    "--max-new-tokens", "-m", help="Stop after N new tokens. Past the model's context (model.max_seq_len) "
+                                   "the window slides: each new token sees the last max_seq_len tokens.")]
+TemperatureOption = Annotated[float, typer.Option(
+    "--temperature", "-t", help="Sampling temperature; 0 = greedy (always the most likely token).")]
+TopKOption = Annotated[int, typer.Option("--top-k", help="Sample from the K most likely tokens; 0 = off.")]
+TopPOption = Annotated[float, typer.Option(
+    "--top-p", help="Sample from the smallest set of tokens whose probability reaches P, in (0, 1]; 1 = off.")]
+RepetitionPenaltyOption = Annotated[float, typer.Option(
+    "--repetition-penalty", help="Above 1 discourages tokens already in the text; 1 = off.")]
+StopOption = Annotated[Optional[list[str]], typer.Option(
+    "--stop", help="Stop before this string (not printed); \\n and \\t are understood; repeatable.")]
+SampleDtypeOption = Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or auto.")]
+
+
 @app.command()
 def generate(
     checkpoint: CheckpointOption,
     prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Text to continue.")] = None,
     prompt_file: Annotated[Optional[Path], typer.Option(
         "--prompt-file", "-f", help="Read the prompt from this UTF-8 file instead.")] = None,
-    max_new_tokens: Annotated[int, typer.Option(
-        "--max-new-tokens", "-m", help="Stop after N new tokens. Past the model's context (model.max_seq_len) "
-                                       "the window slides: each new token sees the last max_seq_len tokens.")] = 256,
-    temperature: Annotated[float, typer.Option(
-        "--temperature", "-t", help="Sampling temperature; 0 = greedy (always the most likely token).")] = 0.8,
-    top_k: Annotated[int, typer.Option("--top-k", help="Sample from the K most likely tokens; 0 = off.")] = 0,
-    top_p: Annotated[float, typer.Option(
-        "--top-p", help="Sample from the smallest set of tokens whose probability reaches P, in (0, 1]; 1 = off.")] = 0.95,
-    repetition_penalty: Annotated[float, typer.Option(
-        "--repetition-penalty", help="Above 1 discourages tokens already in the text; 1 = off.")] = 1.0,
-    stop: Annotated[Optional[list[str]], typer.Option(
-        "--stop", help="Stop before this string (not printed); \\n and \\t are understood; repeatable.")] = None,
+    max_new_tokens: MaxNewTokensOption = 256,
+    temperature: TemperatureOption = 0.8,
+    top_k: TopKOption = 0,
+    top_p: TopPOption = 0.95,
+    repetition_penalty: RepetitionPenaltyOption = 1.0,
+    stop: StopOption = None,
     num_samples: Annotated[int, typer.Option(
         "--num-samples", "-n", help="Independent samples, printed one after another, separated by a '---' line.")] = 1,
     seed: Annotated[Optional[int], typer.Option(
         "--seed", help="Seed for sampling (sample i uses SEED + i); default: random, shown in the summary.")] = None,
     device: DeviceOption = "auto",
-    dtype: Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or auto.")] = "float32",
+    dtype: SampleDtypeOption = "float32",
     no_cache: Annotated[bool, typer.Option(
         "--no-cache", help="Re-run the whole context every token instead of using the KV cache (slow).")] = False,
     raw: Annotated[bool, typer.Option(
@@ -424,6 +434,49 @@ def generate(
         sys.stderr.write(f"generate: {samples}{tokens} tokens in {seconds:.2f}s ({tokens / max(seconds, 1e-9):,.1f} "
                          f"tokens/s), prompt {first.prompt_tokens} tokens{cut}{slid}, finished: {finished}, "
                          f"seed {first.seed}\n")
+
+
+@app.command()
+def chat(
+    checkpoint: CheckpointOption,
+    system: Annotated[Optional[str], typer.Option(
+        "--system", help="A system message to start with (SFT checkpoints; /system changes it).")] = None,
+    max_new_tokens: MaxNewTokensOption = 256,
+    temperature: TemperatureOption = 0.8,
+    top_k: TopKOption = 0,
+    top_p: TopPOption = 0.95,
+    repetition_penalty: RepetitionPenaltyOption = 1.0,
+    stop: StopOption = None,
+    seed: Annotated[Optional[int], typer.Option(
+        "--seed", help="Seed for sampling (reply i uses SEED + i); default: random.")] = None,
+    device: DeviceOption = "auto",
+    dtype: SampleDtypeOption = "float32",
+    verbose: Annotated[bool, typer.Option(
+        "--verbose", "-v", help="Also when piped: the opening line, and a stats line per reply on stderr.")] = False,
+) -> None:
+    """Talk with a model: each line you type is a user turn, the reply streams back.
+
+    An SFT checkpoint renders the conversation through its chat template; the oldest turns leave
+    when it outgrows the model's window (the system message stays). A checkpoint without a template
+    continues each line as plain text. Commands: /reset, /system TEXT, /save FILE, /help, /quit (or Ctrl-D);
+    Ctrl-C stops a reply. Piped, each input line is one turn, each reply is printed with a newline after it.
+
+    Example: llmctl chat --checkpoint experiments/runs/demo-sft --temperature 0.7 --system "Answer briefly."
+    """
+    with user_errors():
+        from llmctl.chat import ChatSession, run_chat
+        from llmctl.generate import Sampling, unescape
+        from llmctl.loading import load_model
+
+        sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            repetition_penalty=repetition_penalty, seed=seed,
+                            stop=tuple(unescape(s) for s in stop or ()))  # bad values fail before loading
+        session = ChatSession(load_model(checkpoint, device=device, dtype=dtype), sampling, system=system)
+        try:
+            run_chat(session, source=checkpoint, verbose=verbose)
+        except BrokenPipeError:  # the reader left: stop quietly, as a SIGPIPE'd tool does
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(141) from None
 
 
 class ExportFormat(str, Enum):
