@@ -224,8 +224,10 @@ def write_hf(folder: Path, loaded: "LoadedModel", arch: str, template: "ChatTemp
     path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     save_file(hf_state_dict(model, arch), str(folder / "model.safetensors"),
               metadata={"format": "pt", "producer": f"llmctl {__version__}"})
+    # A chat reply is never empty in llmctl (no end-of-text first); min_new_tokens says the same to `generate`.
+    chat = {"min_new_tokens": 1} if template is not None else {}
     GenerationConfig(bos_token_id=tokenizer.eos_id, eos_token_id=tokenizer.eos_id,
-                     pad_token_id=tokenizer.eos_id).save_pretrained(str(folder))
+                     pad_token_id=tokenizer.eos_id, **chat).save_pretrained(str(folder))
     jinja = template.to_jinja(eos_token(tokenizer)) if template is not None else None
     write_hf_tokenizer(folder, tokenizer, model.cfg.max_seq_len, jinja)
 

@@ -133,10 +133,12 @@ def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Genera
 def token_stream(model: torch.nn.Module, prompt_ids: list[int], sampling: Sampling,
                  generator: torch.Generator, *, context_length: int, eos_id: int | None = None,
                  dtype: torch.dtype = torch.float32, use_cache: bool = True,
-                 counts: "CountMixture | None" = None) -> Iterator[int]:
-    """Yield up to max_new_tokens new ids after the prompt; stops early at EOS (not yielded).
-    A prompt longer than the context is cut to its last `context_length` tokens. With
-    `counts`, tokens are drawn from the network mixed with them (`llmctl.inference`)."""
+                 counts: "CountMixture | None" = None, eos_allowed: Callable[[], bool] | None = None
+                 ) -> Iterator[int]:
+    """Yield up to max_new_tokens new ids after the prompt; stops early at EOS (not yielded),
+    which is never drawn while `eos_allowed()` says no. A prompt longer than the context is cut
+    to its last `context_length` tokens. With `counts`, tokens are drawn from the network mixed
+    with them (`llmctl.inference`)."""
     from llmctl.inference import Generation
     from llmctl.runtime import autocast
 
@@ -158,6 +160,9 @@ def token_stream(model: torch.nn.Module, prompt_ids: list[int], sampling: Sampli
     for step in range(sampling.max_new_tokens):
         if state is None:
             logits = forward(history[:, -context_length:])
+        if eos_id is not None and eos_allowed is not None and not eos_allowed():
+            logits = logits.clone()
+            logits[:, eos_id] = -math.inf
         token = next_token(logits, sampling, generator, history)  # (1,) on the CPU
         value = int(token)
         if value == eos_id:
@@ -355,8 +360,13 @@ def complete_ids(loaded: "LoadedModel", prompt_ids: list[int], params: Sampling,
         next_turn = template.user.partition("{content}")[0].strip()  # the model writing the next user turn
         stops = StopFilter(params.stop + ((next_turn,) if next_turn and next_turn not in params.stop else ()))
     parts: list[str] = []
+    visible = [False]  # the reply holds more than whitespace
+
+    def eos_allowed() -> bool:  # a chat reply is never empty: no end-of-text before its first visible text
+        return visible[0]
 
     def emit(text: str) -> None:
+        visible[0] = visible[0] or bool(text.strip())
         text = lead.feed(text)
         if text:
             parts.append(text)
@@ -368,7 +378,8 @@ def complete_ids(loaded: "LoadedModel", prompt_ids: list[int], params: Sampling,
     start = time.perf_counter()
     stream = token_stream(loaded.model, prompt_ids, params, generator, context_length=loaded.context_length,
                           eos_id=loaded.tokenizer.eos_id, dtype=loaded.dtype, use_cache=use_cache,
-                          counts=sampled_counts(loaded, params.counts))
+                          counts=sampled_counts(loaded, params.counts),
+                          eos_allowed=eos_allowed if template is not None else None)
     for token in stream:
         new_ids.append(token)
         emit(stops.feed(decoder.push(token)))

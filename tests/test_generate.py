@@ -134,6 +134,18 @@ def test_generation_stops_at_eos():
     assert list(token_stream(model, [1, 2, 3], greedy, torch.Generator(), context_length=16, eos_id=eos)) == free[:first]
 
 
+def test_eos_is_never_drawn_while_eos_allowed_says_no():
+    """How a chat reply is kept from being empty: no end-of-text until the caller allows it."""
+    model = tiny_model(seed=3)
+    greedy = Sampling(max_new_tokens=6, temperature=0)
+    free = list(token_stream(model, [1, 2, 3], greedy, torch.Generator(), context_length=16))
+    eos = free[0]  # the greedy first token, as if the model would end its reply at once
+    calls = []
+    held = list(token_stream(model, [1, 2, 3], greedy, torch.Generator(), context_length=16, eos_id=eos,
+                             eos_allowed=lambda: calls.append(1) is None and len(calls) > 2))
+    assert held and held[0] != eos and eos not in held[:2]  # refused for two tokens, then allowed
+
+
 # --------------------------------------------------------------------------- sampling
 
 def test_same_seed_same_sample_and_another_seed_differs():

@@ -16,10 +16,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 # Appended to the training lines: a few steps of the real quickstart model and data.
 SHORT = {
-    "pretrain": ["--set", "pretrain.max_steps=4", "--set", "pretrain.warmup_steps=2",
-                 "--set", "pretrain.eval_every=4", "--set", "pretrain.save_every=4", "--set", "eval.max_tokens=4096"],
-    "sft": ["--set", "sft.max_steps=4", "--set", "sft.warmup_steps=2", "--set", "sft.eval_every=4",
-            "--set", "sft.save_every=4", "--set", "eval.max_tokens=4096"],
+    "pretrain": ["--set", "pretrain.max_steps=40", "--set", "pretrain.batch_size=8", "--set", "pretrain.micro_batch_size=8",
+                 "--set", "pretrain.warmup_steps=5", "--set", "pretrain.eval_every=40", "--set", "pretrain.save_every=40",
+                 "--set", "eval.max_tokens=4096"],
+    "sft": ["--set", "sft.max_steps=20", "--set", "sft.batch_size=8", "--set", "sft.micro_batch_size=8",
+            "--set", "sft.warmup_steps=5", "--set", "sft.eval_every=20", "--set", "sft.save_every=20"],
 }
 SKIPPED = ("pip", "--install-completion")  # installing is the test environment's job; completion edits rc files
 
