@@ -381,6 +381,7 @@ class BatchGenerator:
         try:
             with torch.inference_mode():
                 while True:
+                    self._drop_cancelled()  # first, so a waiting request can take a freed row at once
                     with self._wake:
                         while not (self._closed or self._waiting or self._rows or self._solo):
                             self._wake.wait()
@@ -390,7 +391,6 @@ class BatchGenerator:
                         while self._waiting and len(self._rows) + len(self._solo) + len(joining) < self.max_batch:
                             joining.append(self._waiting.popleft())
                         self._admitting = len(joining)
-                    self._drop_cancelled()
                     for stream in joining:
                         joins = self._start(stream)
                         with self._lock:  # active stays the same while it moves from admitting to a row

@@ -9,7 +9,8 @@ Evaluation scores both from one forward pass (`Predictor.score`); generation
 
 Generation keeps its state per stream: a `KVCache` of keys and values for the network and,
 when the pointer or the counts read the window, a `WindowRing` of the last inputs (and their
-final hidden states, the pointer's keys).
+final hidden states, the pointer's keys). Continuous batching (`llmctl.batching`) keeps many
+streams' keys and values in one `BatchKVCache`, a row each, decoded in one forward per step.
 
 Shapes: B batch, T positions, Q query positions, V vocabulary, L = max_seq_len slots.
 """
