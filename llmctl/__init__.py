@@ -19,6 +19,8 @@ _LAZY = {
     "generate_text": "llmctl.generate",  # (checkpoint_or_model, prompt, **sampling) -> str
     "complete": "llmctl.generate",  # the same, returning text, token counts, timing, finish reason
     "load_model": "llmctl.loading",  # checkpoint file, run dir, transformers folder or Hub id
+    "batch_generate": "llmctl.batching",  # (checkpoint_or_model, prompts, **sampling) -> [Completion], decoded together
+    "BatchGenerator": "llmctl.batching",  # continuous batching behind `llmctl serve`: submit() -> Stream
 }
 
 __all__ = ["__version__", *_LAZY]

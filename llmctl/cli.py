@@ -519,6 +519,46 @@ def export(
         typer.echo(result["output"])
 
 
+# Help is Rich markup: \\[serve] keeps the extra's name from being read as a tag.
+@app.command()
+def serve(
+    checkpoint: CheckpointOption,
+    host: Annotated[str, typer.Option(
+        "--host", help="Address to listen on: 127.0.0.1 is this machine only; 0.0.0.0 every interface "
+                       "(then set an API key).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="TCP port; 0 = any free one (the URL printed says which).")]
+        = 8000,
+    api_key: Annotated[Optional[str], typer.Option(
+        "--api-key", envvar="LLMCTL_API_KEY", show_envvar=True,
+        help="Require 'Authorization: Bearer KEY' on every /v1 request.")] = None,
+    max_batch: Annotated[int, typer.Option(
+        "--max-batch", help="Replies written together in one batch; more wait in the queue.")] = 16,
+    max_waiting: Annotated[int, typer.Option(
+        "--max-waiting", help="Requests that may wait for a batch slot; past that the server answers 429.")] = 64,
+    device: DeviceOption = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or auto.")] = "float32",
+) -> None:
+    """Serve a model over an OpenAI-compatible API, with a chat page at /; Ctrl-C stops.
+
+    POST /v1/chat/completions (an SFT checkpoint's chat template renders the messages) and
+    /v1/completions, streamed with "stream": true; GET /v1/models and /health. Many clients
+    at once share batches. Needs fastapi and uvicorn: pip install "llmctl\\[serve]".
+    Example: llmctl serve --checkpoint experiments/runs/demo-sft, then open http://127.0.0.1:8000/
+    """
+    with user_errors():
+        from llmctl.serve import run_server
+
+        def ready(urls: list[str], notes: list[str]) -> None:
+            typer.echo(urls[0])  # stdout: the address alone, for scripts
+            for note in notes + [f"also reachable as {url}" for url in urls[1:]]:
+                typer.echo(note if note.startswith("warning:") else f"serve: {note}", err=True)
+            sys.stdout.flush()
+
+        run_server(checkpoint, host=host, port=port, api_key=api_key, max_batch=max_batch,
+                   max_waiting=max_waiting, device=device, dtype=dtype, on_ready=ready)
+        typer.echo("serve: stopped", err=True)
+
+
 @app.command()
 def runs(
     directory: Annotated[Path, typer.Argument(

@@ -18,7 +18,8 @@ vocabulary head at evaluation and generation, along with anything else mixed in 
 
 Generation passes a `llmctl.inference.KVCache` to `forward`: the prompt is run once
 (prefill), then each new token attends to the cached keys and values of all earlier ones.
-Training never passes one.
+`llmctl.inference.BatchKVCache` does the same for many generations decoded together, each
+row at its own position (per-row RoPE and a (B, 1, 1, S) mask). Training never passes one.
 """
 
 from __future__ import annotations
@@ -280,7 +281,7 @@ class Transformer(nn.Module):
             cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         else:
             cache.begin(T, idx.device)
-            cos, sin = self._rope(cache.pos, cache.pos + T)
+            cos, sin = cache.rope(self, T)  # (T, D), or (B, 1, 1, D) where rows sit at different positions
         x = dropout(self.tok_emb(idx), self.cfg.dropout, self.training)  # (B, T, C)
         for block in self.blocks:
             if self.gradient_checkpointing and self.training:
