@@ -43,6 +43,7 @@ next step.
 from __future__ import annotations
 
 import asyncio
+import math
 import secrets
 import threading
 import time
@@ -100,6 +101,7 @@ class Stream:
         self.eos = False  # the model ended the text itself (finish_reason "stop")
         self.error: BaseException | None = None
         self.templated = template is not None
+        self._visible = False  # the text holds more than whitespace (before that a reply may not end)
         self.submitted_at = time.perf_counter()
         self.first_token_at: float | None = None  # perf_counter when the first token was sampled
         self.finished_at: float | None = None
@@ -218,9 +220,14 @@ class Stream:
             wake()
 
     def _emit(self, text: str) -> None:
+        self._visible = self._visible or bool(text.strip())
         text = self._lead.feed(text)
         if text:
             self._publish(text)
+
+    def _may_end(self) -> bool:
+        """As in `complete`: a chat reply is never empty, so no end-of-text before visible text."""
+        return not self.templated or self._visible
 
     def _take(self, token: int) -> bool:
         """The token sampled next (as `complete` handles it); True when the stream is over."""
@@ -443,6 +450,7 @@ class BatchGenerator:
             else:
                 stream._generation = Generation(self.model, stream._counts, self.loaded.context_length)
                 logits = self._forward(lambda: stream._generation.feed(ids))
+            logits = self._hold_eos(logits, [stream])
             history = stream._seen() if stream._history is not None else None
             token = int(next_token(logits, stream.sampling, stream._generator, history)[0])
         except Exception as e:  # noqa: BLE001 (this request fails, the others go on)
@@ -463,7 +471,7 @@ class BatchGenerator:
         try:
             ids = torch.tensor([[s._last] for s in rows], dtype=torch.long, device=self.device)  # (n, 1)
             logits = self._forward(lambda: self.model.logits(self.model.hidden(ids, cache))[:, -1])  # (n, V)
-            tokens = self._sample(logits, rows)
+            tokens = self._sample(self._hold_eos(logits, rows), rows)
         except Exception as e:  # noqa: BLE001 (the batch fails together; the engine goes on)
             for stream in rows:
                 stream._finish("error", e)
@@ -472,6 +480,15 @@ class BatchGenerator:
             return
         finished = [b for b in range(n) if rows[b]._take(tokens[b])]
         self._remove_rows(finished)
+
+    def _hold_eos(self, logits: torch.Tensor, rows: list[Stream]) -> torch.Tensor:
+        """logits (n, V) with end-of-text ruled out for the rows that may not end yet."""
+        held = [b for b, s in enumerate(rows) if not s._may_end()]
+        if not held or self.eos_id is None:
+            return logits
+        logits = logits.clone()
+        logits[held, self.eos_id] = -math.inf
+        return logits
 
     def _sample(self, logits: torch.Tensor, rows: list[Stream]) -> list[int]:
         """`next_token` for every row of logits (n, V): rows with the same settings filtered
@@ -520,6 +537,7 @@ class BatchGenerator:
         try:
             ids = torch.tensor([[stream._last]], dtype=torch.long, device=self.device)
             logits = self._forward(lambda: stream._generation.feed(ids))
+            logits = self._hold_eos(logits, [stream])
             history = stream._seen() if stream._history is not None else None
             token = int(next_token(logits, stream.sampling, stream._generator, history)[0])
         except Exception as e:  # noqa: BLE001
