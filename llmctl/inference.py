@@ -223,7 +223,7 @@ class _RowView:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        T, S, r = k.size(2), self.pos + k.size(2), self.row
+        S, r = self.pos + k.size(2), self.row
         keys, values = self.cache._storage(layer, S, k, v)
         keys[r, :, self.pos: S] = k[0]
         values[r, :, self.pos: S] = v[0]
