@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -325,6 +327,10 @@ def run_chat(session: ChatSession, *, source: str = "", verbose: bool = False, s
                 say(f"chat: {reply.tokens} tokens in {reply.seconds:.2f}s ({reply.tokens_per_second:,.1f} tokens/s), "
                     f"prompt {reply.prompt_tokens} tokens, finished: {reply.finish_reason}, seed {reply.seed}")
 
+    if interactive and threading.current_thread() is threading.main_thread():
+        # Ctrl-C stops a reply. A shell that starts a command in the background (`cmd &` in a
+        # script) hands it SIGINT ignored, and Python then leaves it ignored: take it back.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     interrupts = 0  # Ctrl-C at the prompt, in a row
     while True:
         try:
