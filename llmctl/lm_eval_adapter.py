@@ -20,8 +20,9 @@ pointer, block-local attention) — and transformers folders too:
   for sampling (do_sample with a temperature), stopping at the task's `until` strings, at
   end-of-text or after max_gen_toks new tokens.
 
-Counted n-grams mixed in at inference (`model.ngram_order`, `model.cache_weight`) are left out:
-the network alone is scored, as `llmctl export --format hf` exports it.
+A copy pointer (`model.copy_pointer`) is part of the network and is mixed in, as in its loss;
+counted n-grams mixed in at inference (`model.ngram_order`, `model.cache_weight`) are left
+out: the network alone is scored, the first row `llmctl eval` reports for such a checkpoint.
 
 Results are saved in the checkpoint's run directory as `eval_tasks.json` (each task's latest
 scores, written atomically) so `llmctl runs` can show them next to perplexity.
@@ -98,6 +99,18 @@ def _lm_class() -> type:
             return self.loaded.tokenizer.decode(ids)
 
         # -- scoring
+        def _log_probs(self, x: "torch.Tensor") -> "torch.Tensor":
+            """(B, T) inputs -> (B, T, V) fp32 log-probabilities of the next token: the network's
+            whole distribution, mixed with its copy pointer where it has one (as its loss is)."""
+            model = self.loaded.model
+            pointer = getattr(model, "pointer", None)
+            if pointer is None:
+                return F.log_softmax(model(x).float(), dim=-1)
+            from llmctl.pointer import earlier_positions, offered_tokens
+
+            h = model.hidden(x)  # (B, T, C)
+            return pointer.mix(h, h, offered_tokens(x), earlier_positions(x.size(1), x.device), model.logits(h))
+
         @torch.no_grad()
         def _score(self, rows: list[tuple[list[int], int]]) -> list[tuple[float, bool]]:
             """(sum of log-probabilities, every target the argmax) of each row: a window of
@@ -113,8 +126,7 @@ def _lm_class() -> type:
                     window = rows[i][0]
                     x[r, : len(window) - 1] = torch.tensor(window[:-1])
                 with autocast(device, self.loaded.dtype):
-                    logits = model(x.to(device))
-                logprobs = F.log_softmax(logits.float(), dim=-1).cpu()
+                    logprobs = self._log_probs(x.to(device)).cpu()
                 for r, i in enumerate(chunk):
                     window, n = rows[i]
                     n = min(n, len(window) - 1)

@@ -269,3 +269,28 @@ def test_without_the_harness_one_line_names_the_extra(work, run_dir):
 def test_task_options_without_tasks_are_refused(work, run_dir):
     result = llmctl(work, "eval", "--checkpoint", str(run_dir), "--limit", "5")
     assert result.returncode == 2 and "--limit goes with --tasks" in result.stderr
+
+
+def test_a_checkpoint_export_refuses_is_scored_too(work, shakespeare, small_tok, task_dir):
+    """A copy-pointer model with counted n-grams: no transformers architecture holds it, so
+    `export --format hf` refuses it, but the harness scores it through llmctl (the network
+    alone, as llmctl eval's first row reports it)."""
+    result = llmctl(work, *small_run_args("pointer", shakespeare, small_tok, "--set", f"model.max_seq_len={CONTEXT}",
+                                          "--set", "model.copy_pointer=true", "--set", "model.ngram_order=2",
+                                          "--set", "model.ngram_weight=0.1", "--set", "pretrain.max_steps=4"))
+    assert result.returncode == 0, result.stderr
+    run = work / "experiments" / "runs" / "pointer"
+    refused = llmctl(work, "export", "--checkpoint", str(run), "--format", "hf", str(work / "pointer-hf"))
+    assert refused.returncode != 0
+    scored = llmctl(work, "eval", "--checkpoint", str(run), "--tasks", TASK, "--include-path", str(task_dir),
+                    "--limit", "8", "--device", "cpu", "--json")
+    assert scored.returncode == 0, scored.stderr
+    for score in json.loads(scored.stdout)["tasks"][TASK]["metrics"].values():
+        assert 0.0 <= score["value"] <= 1.0
+    loaded = load_model(run, device="cpu")
+    assert loaded.config.model.copy_pointer and loaded.counts is not None
+    text = sentences()[3]
+    (rolled,) = harness_model(loaded).loglikelihood_rolling([Request(text)])
+    stream = np.asarray([loaded.tokenizer.eos_id, *loaded.tokenizer.encode(text)])
+    assert rolled == pytest.approx(-evaluate_tokens(loaded.model, stream, CONTEXT, 4, torch.device("cpu"))["loss_sum"],
+                                   rel=1e-5, abs=1e-4)
