@@ -250,9 +250,16 @@ def evaluate_tasks(loaded: "LoadedModel", tasks: list[str], manager: Any = None,
     for name in ("lm-eval", "lm_eval"):
         logging.getLogger(name).setLevel(logging.WARNING)
     manager = manager or check_tasks(tasks, None)
-    output = simple_evaluate(model=harness_model(loaded, batch_size), tasks=list(tasks), num_fewshot=num_fewshot,
-                             limit=limit, task_manager=manager, log_samples=False, bootstrap_iters=1000,
-                             random_seed=0, numpy_random_seed=1234, torch_random_seed=1234, fewshot_random_seed=1234)
+    try:
+        output = simple_evaluate(model=harness_model(loaded, batch_size), tasks=list(tasks), num_fewshot=num_fewshot,
+                                 limit=limit, task_manager=manager, log_samples=False, bootstrap_iters=1000,
+                                 random_seed=0, numpy_random_seed=1234, torch_random_seed=1234,
+                                 fewshot_random_seed=1234)
+    except ConnectionError as e:  # datasets' offline and unreachable-Hub errors derive from it
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LlmctlError(f"a task's data could not be fetched ({first}); the harness's own tasks download "
+                          f"their datasets from the Hugging Face Hub: connect once (they are cached), or "
+                          f"define a task on local files and pass its folder with --include-path DIR") from None
     if output is None:
         raise LlmctlError("lm-eval returned no results")
     result = {"checkpoint": loaded.source, "path": str(loaded.path) if loaded.path else None,

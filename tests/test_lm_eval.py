@@ -294,3 +294,12 @@ def test_a_checkpoint_export_refuses_is_scored_too(work, shakespeare, small_tok,
     stream = np.asarray([loaded.tokenizer.eos_id, *loaded.tokenizer.encode(text)])
     assert rolled == pytest.approx(-evaluate_tokens(loaded.model, stream, CONTEXT, 4, torch.device("cpu"))["loss_sum"],
                                    rel=1e-5, abs=1e-4)
+
+
+def test_a_builtin_task_offline_is_one_line_saying_why(work, run_dir):
+    """hellaswag's data lives on the Hub: offline (and not cached) it cannot load; one line says so."""
+    result = llmctl(work, "eval", "--checkpoint", str(run_dir), "--tasks", "hellaswag", "--limit", "2",
+                    "--device", "cpu")
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: a task's data could not be fetched") and "--include-path" in last
