@@ -207,8 +207,9 @@ def _task_manager(include_path: str | None) -> Any:
     return TaskManager(include_path=str(Path(include_path).expanduser()) if include_path else None)
 
 
-def check_tasks(tasks: list[str], include_path: str | None) -> Any:
-    """The TaskManager, after every task name was found (one line naming those that were not)."""
+def check_tasks(tasks: list[str], include_path: str | None) -> tuple[Any, list[str]]:
+    """(TaskManager, the names with glob patterns such as arc_* expanded), after every name
+    was found (one line naming those that were not)."""
     require_harness()
     if not tasks:
         raise ConfigError("--tasks names no task; pass e.g. --tasks hellaswag,arc_easy")
@@ -220,7 +221,8 @@ def check_tasks(tasks: list[str], include_path: str | None) -> Any:
         raise ConfigError(f"unknown task(s): {', '.join(unknown)}; no such task in lm-eval{where} — list "
                           f"them with `lm_eval ls tasks`, or define one in a YAML file and pass its "
                           f"folder with --include-path DIR")
-    return manager
+    expanded = [name for t in tasks for name in ([t] if t in known else manager.match_tasks([t]))]
+    return manager, list(dict.fromkeys(expanded))
 
 
 def run_tasks(checkpoint: str, tasks: list[str], num_fewshot: int | None = None, limit: int | None = None,
@@ -235,7 +237,7 @@ def run_tasks(checkpoint: str, tasks: list[str], num_fewshot: int | None = None,
         raise ConfigError(f"--limit {limit} must be >= 1 (examples per task)")
     if batch_size < 0:
         raise ConfigError(f"--batch-size {batch_size} must be >= 0 (0 = the run's eval batch size)")
-    manager = check_tasks(tasks, include_path)  # a typo fails before the model loads
+    manager, tasks = check_tasks(tasks, include_path)  # a typo fails before the model loads
     loaded = load_model(checkpoint, device=device, dtype=dtype)
     return evaluate_tasks(loaded, tasks, manager, num_fewshot=num_fewshot, limit=limit,
                           batch_size=batch_size, save=save)
@@ -249,7 +251,8 @@ def evaluate_tasks(loaded: "LoadedModel", tasks: list[str], manager: Any = None,
 
     for name in ("lm-eval", "lm_eval"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    manager = manager or check_tasks(tasks, None)
+    if manager is None:
+        manager, tasks = check_tasks(tasks, None)
     try:
         output = simple_evaluate(model=harness_model(loaded, batch_size), tasks=list(tasks), num_fewshot=num_fewshot,
                                  limit=limit, task_manager=manager, log_samples=False, bootstrap_iters=1000,
