@@ -115,7 +115,7 @@ def _lm_class() -> type:
         def _score(self, rows: list[tuple[list[int], int]]) -> list[tuple[float, bool]]:
             """(sum of log-probabilities, every target the argmax) of each row: a window of
             tokens whose last n_scored are the targets (its inputs are all tokens but the last)."""
-            model, device = self.loaded.model, self.loaded.device
+            device = self.loaded.device
             order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))  # longest first: little padding
             out: list[tuple[float, bool]] = [(0.0, True)] * len(rows)
             for start in range(0, len(order), self.batch_size):
