@@ -307,15 +307,35 @@ def eval_command(
     device: DeviceOption = "auto",
     dtype: Annotated[str, typer.Option(
         "--dtype", help="float32 (exact), bfloat16 (faster where supported) or auto.")] = "float32",
+    tasks: Annotated[Optional[str], typer.Option(
+        "--tasks", metavar="T1,T2",
+        help="Run lm-evaluation-harness tasks instead (e.g. hellaswag,arc_easy); scores are saved in the "
+             "run directory and shown by llmctl runs.")] = None,
+    num_fewshot: Annotated[Optional[int], typer.Option(
+        "--num-fewshot", help="With --tasks: examples shown before each question (default: the task's).")] = None,
+    limit: Annotated[Optional[int], typer.Option(
+        "--limit", help="With --tasks: score only the first N examples of each task (a quick look).")] = None,
+    include_path: Annotated[Optional[str], typer.Option(
+        "--include-path", metavar="DIR", help="With --tasks: a folder of your own task YAML files.")] = None,
 ) -> None:
-    """Score a model on held-out text: mean token loss, perplexity and bits per byte.
+    """Score a model on held-out text: mean token loss, perplexity and bits per byte; or, with
+    --tasks, on benchmark tasks through EleutherAI's lm-evaluation-harness.
 
     A checkpoint whose config mixes counted n-grams into its predictions (model.ngram_order,
     model.cache_weight) is scored twice from one pass: the network alone, and with the counts.
+    --tasks needs the harness: pip install "llmctl\\[eval]".
 
     Example: llmctl eval --checkpoint experiments/runs/demo --data text:heldout.txt --stride 32 --json
+    Example: llmctl eval --checkpoint experiments/runs/demo --tasks hellaswag,arc_easy --limit 200
     """
     with user_errors():
+        if tasks is not None:
+            _eval_tasks(checkpoint, tasks, data, stride, num_fewshot, limit, include_path, batch_size, device,
+                        dtype, as_json)
+            return
+        for flag, value in (("--num-fewshot", num_fewshot), ("--limit", limit), ("--include-path", include_path)):
+            if value is not None:
+                raise ConfigError(f"{flag} goes with --tasks (benchmark tasks); add --tasks T1,T2 or drop {flag}")
         from llmctl.evaluate import run_eval
 
         result = run_eval(checkpoint, data, stride, batch_size, device, dtype)
@@ -344,6 +364,43 @@ def eval_command(
                               f"{score['perplexity']:.2f}", f"{score['bits_per_byte']:.4f}",
                               f"{row['tokens']:,}", f"{row['bytes']:,}", f"{row['seconds']:.1f}" if i == 0 else "")
         print_whole(table)
+
+
+def _eval_tasks(checkpoint: str, tasks: str, data: list[str] | None, stride: int, num_fewshot: int | None,
+                limit: int | None, include_path: str | None, batch_size: int, device: str, dtype: str,
+                as_json: bool) -> None:
+    """`llmctl eval --tasks`: the harness's scores as a table (or JSON), saved in the run directory."""
+    if data:
+        raise ConfigError("--data scores held-out text and --tasks benchmark tasks; run them as two commands")
+    if stride:
+        raise ConfigError("--stride applies to held-out text (--data), not to --tasks")
+    from llmctl.lm_eval_adapter import run_tasks
+
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    result = run_tasks(checkpoint, names, num_fewshot=num_fewshot, limit=limit, include_path=include_path,
+                       batch_size=batch_size, device=device, dtype=dtype)
+    if as_json:
+        import json
+
+        typer.echo(json.dumps(result))
+        return
+    from rich.table import Table
+    from rich.text import Text
+
+    from llmctl.data.report import print_whole
+
+    shots = "" if num_fewshot is None else f", {num_fewshot}-shot"
+    table = Table(title=Text(f"{result['path'] or result['checkpoint']}  (lm-eval {result['lm_eval_version']}"
+                             f"{shots}{f', limit {limit}' if limit else ''})"))
+    for column in ("task", "metric", "value", "stderr"):
+        table.add_column(column, justify="left" if column in ("task", "metric") else "right")
+    for task, row in result["tasks"].items():
+        for i, (metric, score) in enumerate(row["metrics"].items()):
+            table.add_row(Text(task if i == 0 else ""), Text(metric), f"{score['value']:.4f}",
+                          "-" if score["stderr"] is None else f"{score['stderr']:.4f}")
+    print_whole(table)
+    if result["saved"]:
+        typer.echo(f"saved: {result['saved']}", err=True)
 
 
 # Sampling options shared by generate and chat (the defaults are Sampling's, repeated in each signature).

@@ -37,6 +37,7 @@ from llmctl.atomic import write_text_atomic
 from llmctl.errors import ConfigError
 
 STATUS_FILE = "status.json"
+TASKS_FILE = "eval_tasks.json"  # `llmctl eval --tasks` scores, written by llmctl.lm_eval_adapter
 STATES = ("running", "finished", "interrupted", "failed")
 RECENT_SECONDS = 300  # a status-less run whose log changed this recently is taken as running
 _CHECKPOINT = re.compile(r"-(?P<stage>[a-z]+)_(?:step(?P<step>\d+)|final)\.pt$")
@@ -203,6 +204,28 @@ def _number(record: dict[str, Any] | None, key: str) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
+def read_task_results(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """Each task's latest `llmctl eval --tasks` scores saved in a run directory ({} when none)."""
+    try:
+        data = json.loads((Path(run_dir) / TASKS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    tasks = data.get("tasks") if isinstance(data, dict) else None
+    return {k: v for k, v in tasks.items() if isinstance(v, dict)} if isinstance(tasks, dict) else {}
+
+
+def task_headline(row: dict[str, Any]) -> tuple[str, float] | None:
+    """The one number shown for a task: acc_norm, else acc, else its first metric."""
+    metrics = row.get("metrics")
+    if not isinstance(metrics, dict):
+        return None
+    for name in ("acc_norm", "acc", *metrics):
+        value = metrics.get(name, {}).get("value") if isinstance(metrics.get(name), dict) else None
+        if isinstance(value, (int, float)):
+            return name, float(value)
+    return None
+
+
 def summarize_run(run_dir: Path) -> dict[str, Any]:
     """One row of `llmctl runs`: plain values (None where the run does not say), JSON-ready."""
     run_dir = Path(run_dir)
@@ -252,6 +275,9 @@ def summarize_run(run_dir: Path) -> dict[str, Any]:
         "val_mixture_bits_per_byte": _bits_per_byte(last, "val_mixture_bits_per_byte") if last else None,
         "wall_seconds": wall_seconds(train, evals), "checkpoint": str(newest) if newest else None,
         "started_at": started,
+        # `llmctl eval --tasks`: {task: {"metric": acc_norm / acc / ..., "value": score}}
+        "tasks": {task: {"metric": h[0], "value": h[1]} for task, row in read_task_results(run_dir).items()
+                  if (h := task_headline(row)) is not None},
     }
 
 
@@ -329,9 +355,11 @@ def runs_table(rows: list[dict[str, Any]], title: str):
     columns = ["run", "stage", "steps", "tokens", "val ppl", "best ppl"]
     columns += ["bits/byte", "best b/B"] if with_bpb else []
     columns += ["+counts ppl"] + (["+counts b/B"] if with_bpb else []) if with_mixture else []
+    with_tasks = any(r.get("tasks") for r in rows)
+    columns += ["tasks"] if with_tasks else []
     columns += ["wall", "state", "newest checkpoint"]
     for c in columns:
-        table.add_column(c, justify="left" if c in ("run", "stage", "state", "newest checkpoint") else "right")
+        table.add_column(c, justify="left" if c in ("run", "stage", "tasks", "state", "newest checkpoint") else "right")
 
     def num(v: float | None, fmt: str) -> str:
         return "-" if v is None else format(v, fmt)
@@ -345,6 +373,9 @@ def runs_table(rows: list[dict[str, Any]], title: str):
         if with_mixture:
             cells += [num(r.get("val_mixture_perplexity"), ".2f")]
             cells += [num(r.get("val_mixture_bits_per_byte"), ".4f")] if with_bpb else []
+        if with_tasks:
+            cells += [escape(", ".join(f"{t} {v['value']:.3f}" for t, v in sorted((r.get("tasks") or {}).items()))
+                             or "-")]
         state = f"[{STATE_STYLE[r['state']]}]{r['state']}[/]"
         cells += [duration(r["wall_seconds"]), state, escape(Path(r["checkpoint"]).name) if r["checkpoint"] else "-"]
         table.add_row(*cells)
