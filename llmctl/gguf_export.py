@@ -23,7 +23,7 @@ as llama.cpp's converter keeps them.
 Checked before it is handed over: where `llama_cpp` (llama-cpp-python) is importable, the file
 is loaded by llama.cpp and must encode the probe text to llmctl's token ids, give llmctl's
 log-probabilities over a prompt and its greedy continuation within a tolerance per dtype
-(`TOLERANCE`), and continue the prompt greedily with llmctl's tokens (a divergence is accepted
+(`TOLERANCE`) and over random ids, and continue the prompt greedily with llmctl's tokens (a divergence is accepted
 only at a near tie: llmctl's top two log-probabilities closer than the tolerance). Without
 llama_cpp the check is skipped and the summary says so. The file is written to a temporary
 sibling and renamed over OUT only after the check, so OUT is complete and checked or untouched.
@@ -31,6 +31,7 @@ sibling and renamed over OUT only after the check, so OUT is complete and checke
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -235,8 +236,14 @@ def verify_gguf(path: Path, loaded: "LoadedModel", dtype: str) -> dict[str, Any]
     ctx = min(loaded.context_length, 128)
     new = min(GREEDY_TOKENS, ctx // 2)
     prompt = (tokenizer.encode(PROBE_TEXT) or [tokenizer.eos_id])[: ctx - new]
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=ctx, n_batch=ctx, logits_all=True, verbose=False,
-                          n_threads=max(1, min(4, os.cpu_count() or 1)), seed=0)
+    try:  # llama.cpp writes notes to the C stderr even with verbose=False
+        from llama_cpp._utils import suppress_stdout_stderr
+    except ImportError:
+        suppress_stdout_stderr = None
+    with suppress_stdout_stderr(disable=False) if suppress_stdout_stderr else contextlib.nullcontext():
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=ctx, n_batch=ctx, logits_all=True, verbose=False,
+                              n_threads=max(1, min(4, os.cpu_count() or 1)), seed=0,
+                              type_k=0, type_v=0)  # a float32 KV cache: the file is checked, not the f16 cache
     try:
         got = llm.tokenize(PROBE_TEXT.encode("utf-8"), add_bos=False, special=False)
         if got != tokenizer.encode(PROBE_TEXT):
@@ -257,6 +264,14 @@ def verify_gguf(path: Path, loaded: "LoadedModel", dtype: str) -> dict[str, Any]
             raise LlmctlError(f"export check failed: llama.cpp gives {tuple(theirs_lp.shape)} scores, llmctl "
                               f"{tuple(ours_lp.shape)}; nothing was written")
         worst = float((theirs_lp - ours_lp).abs().max())
+        # And over random ids (every token's row of the embedding, positions up to the context).
+        random = torch.randint(0, model.vocab_size, (ctx,), generator=torch.Generator().manual_seed(0)).tolist()
+        llm.reset()
+        llm.eval(random)
+        theirs_random = torch.log_softmax(torch.from_numpy(np.array(llm.scores[:ctx], dtype=np.float32)), -1)
+        with torch.no_grad():
+            ours_random = torch.log_softmax(model(torch.tensor([random]))[0].float(), -1)
+        worst = max(worst, float((theirs_random - ours_random).abs().max()))
         if not worst <= tol:
             raise LlmctlError(f"export check failed: llama.cpp's log-probabilities differ from llmctl's by up to "
                               f"{worst:.3g} (tolerance {tol:g} for {dtype}); nothing was written")
@@ -278,7 +293,7 @@ def verify_gguf(path: Path, loaded: "LoadedModel", dtype: str) -> dict[str, Any]
         if hasattr(llm, "close"):  # frees the model now (llama-cpp-python >= 0.2.80)
             llm.close()
     return {"llama_cpp": llama_cpp.__version__, "max_abs_logprob_diff": worst, "tolerance": tol,
-            "positions": len(seq), "greedy_tokens": len(ours), "greedy_agree": agree,
+            "positions": len(seq) + ctx, "greedy_tokens": len(ours), "greedy_agree": agree,
             "greedy_llmctl": ours, "greedy_llama_cpp": theirs}
 
 

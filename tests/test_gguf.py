@@ -169,16 +169,25 @@ def test_llama_cpp_continues_greedily_with_llmctls_tokens(name, exported, source
     path, summary = exported[name]
     assert summary["llama_cpp"] and summary["max_abs_logprob_diff"] <= TOLERANCE[name]
     loaded = load_model(sources["base"], device="cpu")
-    prompt = loaded.tokenizer.encode("ROMEO: But, soft! what light")
+    text = "ROMEO: But, soft! what light"
+    prompt = loaded.tokenizer.encode(text)[:16]  # + 12 new tokens within the 32 positions
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=32, logits_all=True, verbose=False, n_threads=1)
-    assert llm.tokenize(b"ROMEO: But, soft! what light", add_bos=False, special=False) == prompt
+    assert llm.tokenize(text.encode(), add_bos=False, special=False) == loaded.tokenizer.encode(text)
     assert llm.n_vocab() == 320 and llm.token_eos() == loaded.tokenizer.eos_id
     llm.eval(prompt)
     theirs = []
-    for _ in range(12):
+    for step in range(12):
         theirs.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
-        llm.eval([theirs[-1]])
+        if step < 11:
+            llm.eval([theirs[-1]])
     assert theirs == llmctl_greedy(loaded.model, prompt, 12)
+    # The greedy choice at every position of a random sequence, not only after this prompt.
+    random = torch.randint(0, 320, (32,), generator=torch.Generator().manual_seed(3)).tolist()
+    llm.reset()
+    llm.eval(random)
+    with torch.no_grad():
+        ours = loaded.model(torch.tensor([random]))[0]
+    assert np.argmax(np.array(llm.scores[:32]), -1).tolist() == ours.argmax(-1).tolist()
     print(f"{name}: max |log-prob difference| {summary['max_abs_logprob_diff']:.3g}, greedy {theirs}")
 
 
@@ -225,3 +234,34 @@ def test_what_llama_cannot_express_is_refused_in_one_line(change, words, sources
         refuse_unexpressible(cfg, None)
     with pytest.raises(ConfigError, match="counted n-grams"):
         refuse_unexpressible(load_model(sources["base"], device="cpu").config.model, counts=object())
+
+
+@needs_llama_cpp
+def test_the_gpt2_tokenizer_encodes_in_llama_cpp_as_in_llmctl(work, sources, gpt2_dir):
+    """GPT-2's own 50,257-token vocabulary (the small model with a new, random embedding): llama.cpp's
+    "gpt-2" pre-tokenizer and merges give llmctl's ids on text with accents, quotes, tabs and digits."""
+    import llama_cpp
+
+    from llmctl.checkpoint import load_checkpoint, save_checkpoint
+    from llmctl.data.tokenizer import load_tokenizer
+    from llmctl.gguf_export import export_gguf
+    from llmctl.model import padded_vocab_size
+
+    payload = load_checkpoint(sources["base"])
+    for key in ("kind", "format_version", "optimizer"):
+        payload.pop(key, None)
+    tokenizer = load_tokenizer(str(gpt2_dir))
+    config = {section: dict(values) for section, values in payload["config"].items()}
+    config["model"]["vocab_size"] = tokenizer.vocab_size
+    model = dict(payload["model"])
+    rows = padded_vocab_size(tokenizer.vocab_size, config["model"]["pad_vocab_multiple"])
+    model["tok_emb.weight"] = 0.5 * torch.randn(rows, 32, generator=torch.Generator().manual_seed(0))
+    payload.update(config=config, model=model, tokenizer=tokenizer.to_state())
+    save_checkpoint(work / "gpt2.pt", payload)
+
+    summary = export_gguf(work / "gpt2.pt", work / "gpt2.gguf", "f32")  # its check compares the probe text's ids
+    assert summary["max_abs_logprob_diff"] < 1e-3 and summary["greedy_agree"] == summary["greedy_tokens"]
+    llm = llama_cpp.Llama(model_path=str(work / "gpt2.gguf"), vocab_only=True, verbose=False)
+    text = "Naïve café's “smart” quotes,\ttabs   and 12345 digits — they'll DON'T\n\n  end."
+    assert llm.tokenize(text.encode(), add_bos=False, special=False) == tokenizer.encode(text)
+    assert llm.token_eos() == tokenizer.eos_id == 50256
