@@ -22,11 +22,14 @@ as llama.cpp's converter keeps them.
 
 Checked before it is handed over: where `llama_cpp` (llama-cpp-python) is importable, the file
 is loaded by llama.cpp and must encode the probe text to llmctl's token ids, give llmctl's
-log-probabilities over a prompt and its greedy continuation within a tolerance per dtype
-(`TOLERANCE`) and over random ids, and continue the prompt greedily with llmctl's tokens (a divergence is accepted
-only at a near tie: llmctl's top two log-probabilities closer than the tolerance). Without
-llama_cpp the check is skipped and the summary says so. The file is written to a temporary
-sibling and renamed over OUT only after the check, so OUT is complete and checked or untouched.
+log-probabilities (over a prompt with its greedy continuation, and over random ids) within a
+tolerance per dtype (`TOLERANCE`; a float32 KV cache, so the file is what is measured), and
+continue the prompt greedily with llmctl's tokens (a divergence is accepted only at a near tie:
+llmctl's top two log-probabilities closer than the tolerance); an SFT file's chat template,
+rendered by llama-cpp-python's jinja2 formatter, must give the text llmctl's SFT feeds the
+model. Without llama_cpp the check is skipped and the summary says so. The file is written to a
+temporary sibling and renamed over OUT only after the check, so OUT is complete and checked or
+untouched.
 """
 
 from __future__ import annotations
@@ -223,13 +226,34 @@ def llmctl_greedy(model: Any, prompt: list[int], n: int) -> list[int]:
     return ids[len(prompt):]
 
 
-def verify_gguf(path: Path, loaded: "LoadedModel", dtype: str) -> dict[str, Any]:
+def check_chat_template(path: Path, template: "ChatTemplate", eos: str) -> None:
+    """The template stored in the file, rendered as llama-cpp-python renders GGUF templates (jinja2),
+    gives the text llmctl's SFT feeds the model."""
+    import gguf
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    from llmctl.export import PROBE_CONVERSATION, render_prompt
+
+    stored = gguf.GGUFReader(str(path)).fields["tokenizer.chat_template"].contents()
+    formatter = Jinja2ChatFormatter(stored, eos_token=eos, bos_token=eos, add_generation_prompt=True)
+    got = formatter(messages=[{"role": r, "content": c} for r, c in PROBE_CONVERSATION]).prompt
+    expected = render_prompt(template, PROBE_CONVERSATION, eos)
+    if got != expected:
+        raise LlmctlError(f"export check failed: the chat template renders {got[:80]!r}…, llmctl renders "
+                          f"{expected[:80]!r}…; nothing was written")
+
+
+def verify_gguf(path: Path, loaded: "LoadedModel", dtype: str,
+                template: "ChatTemplate | None" = None) -> dict[str, Any]:
     """Load the file with llama.cpp (llama-cpp-python) and compare it with the checkpoint."""
     try:
         import llama_cpp
     except ImportError:
         return {"llama_cpp": None}
-    from llmctl.export import PROBE_TEXT
+    from llmctl.export import PROBE_TEXT, eos_token
+
+    if template is not None:
+        check_chat_template(path, template, eos_token(loaded.tokenizer))
 
     model, tokenizer = loaded.model, loaded.tokenizer
     tol = TOLERANCE[dtype]
@@ -334,7 +358,7 @@ def export_gguf(checkpoint: str | Path, out_path: str | Path, dtype: str = "f16"
             stored = write_gguf(tmp, loaded, dtype, extras["template"], name=loaded.path.parent.name or "llmctl")
             say("export: written; loading it back with llama.cpp to compare tokens, log-probabilities and "
                 "greedy text" if _has_llama_cpp() else "export: written")
-            check = verify_gguf(tmp, loaded, dtype)
+            check = verify_gguf(tmp, loaded, dtype, extras["template"])
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(tmp, 0o666 & ~umask)

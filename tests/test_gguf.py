@@ -132,6 +132,15 @@ def test_the_sft_export_carries_the_chat_template_export_hf_writes(exported, sou
     reader = gguf.GGUFReader(str(path))
     assert field(reader, "tokenizer.chat_template") == ChatTemplate().to_jinja(eos_token(tokenizer))
     assert {t.tensor_type for t in reader.tensors} == {gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32}
+    if HAS_LLAMA_CPP:  # rendered as llama-cpp-python renders a GGUF's template
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        formatter = Jinja2ChatFormatter(field(reader, "tokenizer.chat_template"), eos_token="<|endoftext|>",
+                                        bos_token="<|endoftext|>", add_generation_prompt=True)
+        messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+                    {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye?"}]
+        assert formatter(messages=messages).prompt == ("Be brief.\n\n### Human: Hi there\n### Assistant: Hello."
+                                                       "<|endoftext|>\n### Human: Bye?\n### Assistant:")
 
 
 def test_q_and_k_rows_are_permuted_for_llama_cpp_adjacent_pair_rope():
