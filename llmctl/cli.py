@@ -539,18 +539,23 @@ def chat(
 class ExportFormat(str, Enum):
     hf = "hf"
     safetensors = "safetensors"
+    gguf = "gguf"
 
 
 @app.command()
 def export(
     out_dir: Annotated[Path, typer.Argument(
-        metavar="OUT_DIR", help="Folder to create (replaced only with --force); written whole or not at all.")],
+        metavar="OUT_DIR", help="Folder to create (--format gguf: the .gguf file); replaced only with --force; "
+                                "written whole or not at all.")],
     checkpoint: Annotated[str, typer.Option(
         "--checkpoint", "-c", help="An llmctl checkpoint file or run directory (its final, else latest, checkpoint).")],
     fmt: Annotated[ExportFormat, typer.Option(
         "--format", "-f", help="hf: a transformers model folder (LlamaForCausalLM; attention sinks: "
                                "GraniteSWAForCausalLM) with tokenizer and chat template; safetensors: "
-                               "llmctl's own weights, config.toml and tokenizer.json.")] = ExportFormat.hf,
+                               "llmctl's own weights, config.toml and tokenizer.json; gguf: one file for "
+                               "llama.cpp / Ollama (llama architecture, tokenizer, chat template).")] = ExportFormat.hf,
+    gguf_dtype: Annotated[Optional[str], typer.Option(
+        "--dtype", help="--format gguf only: f32, f16 (default), bf16 or q8_0 for the weight matrices.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT_DIR if it exists and is not empty.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
@@ -558,17 +563,41 @@ def export(
     against the checkpoint (same logits, same token ids) before OUT_DIR appears.
 
     Example: llmctl export --checkpoint experiments/runs/demo --format hf exported/demo
-    (then: AutoModelForCausalLM.from_pretrained("exported/demo"))
+    (then: AutoModelForCausalLM.from_pretrained("exported/demo"));
+    llmctl export -c experiments/runs/demo --format gguf --dtype q8_0 demo.gguf (then: llama-cli -m demo.gguf)
     """
     with user_errors():
         from llmctl.export import export_checkpoint
 
-        result = export_checkpoint(checkpoint, out_dir, fmt.value, force=force,
-                                   on_status=lambda line: sys.stderr.write(line + "\n"))
+        if fmt is ExportFormat.gguf:
+            from llmctl.gguf_export import export_gguf
+
+            result = export_gguf(checkpoint, out_dir, gguf_dtype or "f16", force=force,
+                                 on_status=lambda line: sys.stderr.write(line + "\n"))
+        else:
+            if gguf_dtype is not None:
+                raise ConfigError("--dtype applies to --format gguf only; hf and safetensors keep float32")
+            result = export_checkpoint(checkpoint, out_dir, fmt.value, force=force,
+                                       on_status=lambda line: sys.stderr.write(line + "\n"))
         if as_json:
             import json
 
             typer.echo(json.dumps(result))
+            return
+        if fmt is ExportFormat.gguf:
+            if result["llama_cpp"] is None:
+                sys.stderr.write("export: the llama.cpp check was skipped (llama_cpp is not installed; "
+                                 "pip install llama-cpp-python enables it)\n")
+            else:
+                sys.stderr.write(f"export: verified with llama.cpp {result['llama_cpp']} — max |log-probability "
+                                 f"difference| {result['max_abs_logprob_diff']:.2g} over {result['positions']} "
+                                 f"positions (tolerance {result['tolerance']:g}); greedy tokens "
+                                 f"{result['greedy_agree']}/{result['greedy_tokens']} identical; tokenizer ids "
+                                 f"identical\n")
+            if result["stored_as_f16"]:
+                sys.stderr.write(f"export: {len(result['stored_as_f16'])} matrices have rows that are not a "
+                                 f"multiple of 32 and were stored as f16\n")
+            typer.echo(result["output"])
             return
         sys.stderr.write(f"export: verified — max |logit difference| {result['max_abs_logit_diff']:.2g} over "
                          f"{result['positions']} positions; tokenizer ids identical"

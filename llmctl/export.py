@@ -426,6 +426,10 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, fmt: str = "h
     """Export an llmctl checkpoint (file or run directory) to OUT_DIR, verified; returns a summary."""
     from llmctl.loading import load_model
 
+    if fmt == "gguf":  # one file, not a folder: llmctl.gguf_export
+        from llmctl.gguf_export import export_gguf
+
+        return export_gguf(checkpoint, out_dir, force=force, on_status=on_status)
     say = on_status or (lambda line: None)
     if fmt not in FORMATS:
         raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got '{fmt}'")
