@@ -71,7 +71,7 @@ def test_shell_completion_script_and_completions(tmp_path):
         return out.stdout.split()
 
     assert "export" in complete("llmctl ex")
-    assert complete("llmctl export --format ") == ["hf", "safetensors"]
+    assert complete("llmctl export --format ") == ["hf", "safetensors", "gguf"]
 
 
 def rendered_help(path: tuple[str, ...]) -> str:
