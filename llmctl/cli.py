@@ -589,9 +589,10 @@ def export(
                 sys.stderr.write("export: the llama.cpp check was skipped (llama_cpp is not installed; "
                                  "pip install llama-cpp-python enables it)\n")
             else:
-                sys.stderr.write(f"export: verified with llama.cpp {result['llama_cpp']} — max |log-probability "
-                                 f"difference| {result['max_abs_logprob_diff']:.2g} over {result['positions']} "
-                                 f"positions (tolerance {result['tolerance']:g}); greedy tokens "
+                sys.stderr.write(f"export: verified with llama.cpp {result['llama_cpp']} — next-token KL "
+                                 f"{result['max_kl']:.2g} nats at worst over {result['positions']} positions "
+                                 f"(tolerance {result['kl_tolerance']:g}), max |log p| difference "
+                                 f"{result['max_abs_logprob_diff']:.2g} on likely tokens; greedy tokens "
                                  f"{result['greedy_agree']}/{result['greedy_tokens']} identical; tokenizer ids "
                                  f"identical\n")
             if result["stored_as_f16"]:

@@ -22,8 +22,9 @@ as llama.cpp's converter keeps them.
 
 Checked before it is handed over: where `llama_cpp` (llama-cpp-python) is importable, the file
 is loaded by llama.cpp and must encode the probe text to llmctl's token ids, give llmctl's
-log-probabilities (over a prompt with its greedy continuation, and over random ids) within a
-tolerance per dtype (`TOLERANCE`; a float32 KV cache, so the file is what is measured), and
+next-token distributions (over a prompt with its greedy continuation, and over random ids)
+within a KL divergence per dtype (`KL_TOLERANCE`; a float32 KV cache, so the file is what is
+measured; the largest |log p| difference on tokens of probability >= 1e-4 is reported), and
 continue the prompt greedily with llmctl's tokens (a divergence is accepted only at a near tie:
 llmctl's top two log-probabilities closer than the tolerance); an SFT file's chat template,
 rendered by llama-cpp-python's jinja2 formatter, must give the text llmctl's SFT feeds the
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import secrets
 from pathlib import Path
@@ -54,7 +56,26 @@ if TYPE_CHECKING:
 DTYPES = ("f32", "f16", "bf16", "q8_0")
 # Max |log-probability difference| llama.cpp may show against llmctl's float32 model, per dtype.
 # f32 differs by summation order only (observed ~1e-6); the others by their rounding of the weights.
-TOLERANCE = {"f32": 1e-3, "f16": 5e-2, "bf16": 2e-1, "q8_0": 1e-1}
+# Log-probabilities are compared where llmctl gives a token at least this probability: a
+# quantised file's error on a token of probability 1e-9 changes no sample, and on a trained
+# model such tails dominate the raw maximum (q8_0: 0.13 over all tokens, far less over these).
+LIKELY = math.log(1e-4)
+
+
+def _likely_diff(theirs: "torch.Tensor", ours: "torch.Tensor") -> float:
+    """Largest |log p| difference (T, V) over the tokens llmctl gives probability >= 1e-4."""
+    return float((theirs - ours).abs().masked_fill(ours < LIKELY, 0.0).max())
+
+
+TOLERANCE = {"f32": 1e-3, "f16": 5e-2, "bf16": 2e-1, "q8_0": 2e-1}  # |log p| (reported) and near-tie gap
+# What decides: the largest KL divergence (nats) of llama.cpp's next-token distribution from
+# llmctl's at any position. q8_0 of the trained quickstart model measured 5.7e-4 at worst.
+KL_TOLERANCE = {"f32": 1e-5, "f16": 1e-3, "bf16": 1e-2, "q8_0": 1e-2}
+
+
+def _worst_kl(theirs: "torch.Tensor", ours: "torch.Tensor") -> float:
+    """max over positions of KL(ours || theirs), log-probabilities (T, V) each."""
+    return float((ours.exp() * (ours - theirs)).sum(-1).max())
 GREEDY_TOKENS = 12
 INSTALL_HINT = 'pip install "llmctl[gguf]"'
 
@@ -287,7 +308,7 @@ def verify_gguf(path: Path, loaded: "LoadedModel", dtype: str,
         if theirs_lp.shape != ours_lp.shape:
             raise LlmctlError(f"export check failed: llama.cpp gives {tuple(theirs_lp.shape)} scores, llmctl "
                               f"{tuple(ours_lp.shape)}; nothing was written")
-        worst = float((theirs_lp - ours_lp).abs().max())
+        worst, kl = _likely_diff(theirs_lp, ours_lp), _worst_kl(theirs_lp, ours_lp)
         # And over random ids (every token's row of the embedding, positions up to the context).
         random = torch.randint(0, model.vocab_size, (ctx,), generator=torch.Generator().manual_seed(0)).tolist()
         llm.reset()
@@ -295,10 +316,12 @@ def verify_gguf(path: Path, loaded: "LoadedModel", dtype: str,
         theirs_random = torch.log_softmax(torch.from_numpy(np.array(llm.scores[:ctx], dtype=np.float32)), -1)
         with torch.no_grad():
             ours_random = torch.log_softmax(model(torch.tensor([random]))[0].float(), -1)
-        worst = max(worst, float((theirs_random - ours_random).abs().max()))
-        if not worst <= tol:
-            raise LlmctlError(f"export check failed: llama.cpp's log-probabilities differ from llmctl's by up to "
-                              f"{worst:.3g} (tolerance {tol:g} for {dtype}); nothing was written")
+        worst = max(worst, _likely_diff(theirs_random, ours_random))
+        kl = max(kl, _worst_kl(theirs_random, ours_random))
+        if not kl <= KL_TOLERANCE[dtype]:
+            raise LlmctlError(f"export check failed: llama.cpp's next-token distributions differ from llmctl's by "
+                              f"KL {kl:.3g} nats at worst (tolerance {KL_TOLERANCE[dtype]:g} for {dtype}; "
+                              f"|log p| up to {worst:.3g}); nothing was written")
         # Greedy decoding inside llama.cpp (its KV cache), token by token.
         llm.reset()
         llm.eval(prompt)
@@ -317,6 +340,7 @@ def verify_gguf(path: Path, loaded: "LoadedModel", dtype: str,
         if hasattr(llm, "close"):  # frees the model now (llama-cpp-python >= 0.2.80)
             llm.close()
     return {"llama_cpp": llama_cpp.__version__, "max_abs_logprob_diff": worst, "tolerance": tol,
+            "max_kl": kl, "kl_tolerance": KL_TOLERANCE[dtype],
             "positions": len(seq) + ctx, "greedy_tokens": len(ours), "greedy_agree": agree,
             "greedy_llmctl": ours, "greedy_llama_cpp": theirs}
 

@@ -173,10 +173,11 @@ def test_q_and_k_rows_are_permuted_for_llama_cpp_adjacent_pair_rope():
 def test_llama_cpp_continues_greedily_with_llmctls_tokens(name, exported, sources):
     import llama_cpp
 
-    from llmctl.gguf_export import TOLERANCE, llmctl_greedy
+    from llmctl.gguf_export import KL_TOLERANCE, TOLERANCE, llmctl_greedy
 
     path, summary = exported[name]
     assert summary["llama_cpp"] and summary["max_abs_logprob_diff"] <= TOLERANCE[name]
+    assert summary["max_kl"] <= KL_TOLERANCE[name]
     loaded = load_model(sources["base"], device="cpu")
     text = "ROMEO: But, soft! what light"
     prompt = loaded.tokenizer.encode(text)[:16]  # + 12 new tokens within the 32 positions
