@@ -56,8 +56,9 @@ import torch
 
 from llmctl.config import ModelConfig
 from llmctl.errors import ConfigError, LlmctlError
-from llmctl.generate import (Completion, IncrementalDecoder, LeadStrip, Sampling, StopFilter, _as_loaded,
-                             apply_repetition_penalty, chat_prompt, filter_logits, next_token, sampled_counts)
+from llmctl.generate import (Completion, IncrementalDecoder, Sampling, _as_loaded,
+                             apply_repetition_penalty, chat_prompt, filter_logits, next_token, sampled_counts,
+                             text_filters)
 from llmctl.inference import BatchKVCache, Generation
 
 if TYPE_CHECKING:
@@ -70,16 +71,6 @@ FINISH_REASONS = ("stop", "length", "cancelled", "error")
 
 class QueueFull(LlmctlError):
     """`submit` found `max_waiting` requests already waiting for a row: try again later (HTTP 429)."""
-
-
-def text_filters(stop: tuple[str, ...], template: "ChatTemplate | None") -> tuple[StopFilter, LeadStrip]:
-    """The stop filter and lead strip `complete` uses: with an SFT chat template, the reply's
-    lead (" ") is dropped and the start of a next user turn is one more stop string."""
-    if template is None:
-        return StopFilter(stop), LeadStrip("")
-    next_turn = template.user.partition("{content}")[0].strip()
-    extra = (next_turn,) if next_turn and next_turn not in stop else ()
-    return StopFilter(stop + extra), LeadStrip(template.assistant.partition("{content}")[0])
 
 
 class Stream:

@@ -289,6 +289,17 @@ class Completion:
         return self.tokens / self.seconds if self.seconds > 0 else float("inf")
 
 
+def text_filters(stop: tuple[str, ...], template: Any) -> tuple[StopFilter, LeadStrip]:
+    """The stop filter and lead strip of a reply (`complete`, `llmctl.batching`): with an SFT
+    chat template (a `ChatTemplate`), the reply's lead (" ") is dropped and the start of a next
+    user turn is one more stop string."""
+    if template is None:
+        return StopFilter(stop), LeadStrip("")
+    next_turn = template.user.partition("{content}")[0].strip()
+    extra = (next_turn,) if next_turn and next_turn not in stop else ()
+    return StopFilter(stop + extra), LeadStrip(template.assistant.partition("{content}")[0])
+
+
 def _as_loaded(checkpoint_or_model: Any, device: str, dtype: str) -> "LoadedModel":
     from llmctl.loading import LoadedModel, load_model
 
@@ -353,12 +364,7 @@ def complete_ids(loaded: "LoadedModel", prompt_ids: list[int], params: Sampling,
     seed = params.seed if params.seed is not None else int(torch.seed() % 2**31)
     generator = torch.Generator().manual_seed(seed)
     decoder = IncrementalDecoder(loaded.tokenizer, prompt_ids)
-    stops = StopFilter(params.stop)
-    lead = LeadStrip("")
-    if template is not None:
-        lead = LeadStrip(template.assistant.partition("{content}")[0])  # every reply starts with it (" ")
-        next_turn = template.user.partition("{content}")[0].strip()  # the model writing the next user turn
-        stops = StopFilter(params.stop + ((next_turn,) if next_turn and next_turn not in params.stop else ()))
+    stops, lead = text_filters(params.stop, template)
     parts: list[str] = []
     visible = [False]  # the reply holds more than whitespace
 
